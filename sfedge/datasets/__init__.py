@@ -1,0 +1,1 @@
+"""Demo data built from the real photographs scikit-image ships (no downloads)."""

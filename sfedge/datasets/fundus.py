@@ -1,0 +1,100 @@
+"""Demo segmentation data from scikit-image's real colour fundus photograph.
+
+``skimage.data.retina()`` is a real 1411x1411 fundus photograph.  Its vessel
+masks here are **pseudo-labels**: a Frangi vesselness filter on the contrast-
+enhanced green channel, thresholded inside the field of view.  They are good
+enough to train and compare small models on a CPU in minutes; they are *not*
+clinical ground truth, and Dice figures against them say how well a model
+reproduces the filter, nothing more.
+
+Split: columns left of ``TRAIN_FRACTION`` of the width are for training, the
+rest is held out for Dice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["FundusDemo", "load_fundus", "random_crops", "holdout_region", "TRAIN_FRACTION", "DEMO_SCALE"]
+
+TRAIN_FRACTION = 0.7
+DEMO_SCALE = 0.5  # the demo works on the photograph at half resolution (706 x 706)
+
+
+@dataclass(frozen=True)
+class FundusDemo:
+    """The photograph (uint8 HxWx3), its pseudo-label vessel mask and field-of-view mask at one scale."""
+
+    image: np.ndarray
+    vessels: np.ndarray  # bool, Frangi pseudo-labels
+    fov: np.ndarray  # bool, inside the circular field of view
+    scale: float
+
+    @property
+    def split_column(self) -> int:
+        """First column of the held-out region."""
+        return int(round(self.image.shape[1] * TRAIN_FRACTION))
+
+
+@lru_cache(maxsize=4)
+def load_fundus(scale: float = DEMO_SCALE) -> FundusDemo:
+    """The retina photograph with Frangi pseudo-labels, resized by ``scale`` (cached per process)."""
+    from skimage import data, exposure, filters, morphology, transform
+
+    img = data.retina()
+    fov = img[..., 0] > 20
+    green = exposure.equalize_adapthist(img[..., 1].astype(np.float64) / 255.0)
+    ves = filters.frangi(green, sigmas=range(1, 6), black_ridges=True)
+    inner = morphology.erosion(fov, morphology.disk(10))
+    ves[~inner] = 0
+    lab = ves > np.percentile(ves[fov], 90)
+    lab = morphology.remove_small_objects(lab, max_size=100)
+    if scale != 1.0:
+        shape = (int(round(img.shape[0] * scale)), int(round(img.shape[1] * scale)))
+        img = (transform.resize(img, shape, order=1, anti_aliasing=True) * 255).round().astype(np.uint8)
+        lab = transform.resize(lab.astype(np.float32), shape, order=1, anti_aliasing=True) > 0.5
+        fov = transform.resize(fov.astype(np.float32), shape, order=0) > 0.5
+    return FundusDemo(image=img, vessels=lab, fov=fov, scale=scale)
+
+
+def random_crops(
+    demo: FundusDemo, count: int, size: int, rng: np.random.Generator, region: str = "train", flips: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` random (image, mask) crops of ``size`` from the train or held-out region.
+
+    Crops are centred inside the field of view so few are all background.
+    Returns uint8 images (N, size, size, 3) and float32 masks (N, size, size).
+    """
+    h, w = demo.vessels.shape
+    x0, x1 = (0, demo.split_column) if region == "train" else (demo.split_column, w)
+    if x1 - x0 < size or h < size:
+        raise ValueError(f"region {region} ({x1 - x0}x{h}) is smaller than the crop size {size}")
+    imgs, masks = [], []
+    while len(imgs) < count:
+        y = int(rng.integers(0, h - size + 1))
+        x = int(rng.integers(x0, x1 - size + 1))
+        if demo.fov[y + size // 2, x + size // 2] == 0:
+            continue
+        im = demo.image[y : y + size, x : x + size]
+        m = demo.vessels[y : y + size, x : x + size]
+        if flips:
+            if rng.random() < 0.5:
+                im, m = im[:, ::-1], m[:, ::-1]
+            if rng.random() < 0.5:
+                im, m = im[::-1], m[::-1]
+        imgs.append(np.ascontiguousarray(im))
+        masks.append(np.ascontiguousarray(m, dtype=np.float32))
+    return np.stack(imgs), np.stack(masks)
+
+
+def holdout_region(demo: FundusDemo, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole held-out strip (image, vessels, fov), cropped to a multiple of ``multiple`` in H and W."""
+    h, w = demo.vessels.shape
+    x0 = demo.split_column
+    hh = (h // multiple) * multiple
+    ww = ((w - x0) // multiple) * multiple
+    sl = (slice(0, hh), slice(x0, x0 + ww))
+    return demo.image[sl], demo.vessels[sl], demo.fov[sl]
