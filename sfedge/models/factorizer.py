@@ -125,7 +125,9 @@ class NMFMixer(nn.Module):
 class FactorizerBlock(nn.Module):
     """Pre-norm residual pair: ``x + NMFMixer(LN(x))`` then ``x + MLP(LN(x))`` (GELU, hidden ratio ``mlp_ratio``)."""
 
-    def __init__(self, channels: int, size: tuple[int, int], *, mlp_ratio: float, dropout: float, **nmf: object) -> None:
+    def __init__(
+        self, channels: int, size: tuple[int, int], *, mlp_ratio: float, dropout: float, **nmf: object
+    ) -> None:
         super().__init__()
         hidden = int(mlp_ratio * channels)
         self.norm1 = ChannelLayerNorm(channels)
@@ -192,10 +194,14 @@ class Factorizer(nn.Module):
         self.stem = create_conv2d(spec, in_channels, widths[0], 3, padding=1)
         self.downs = nn.ModuleList(create_conv2d(spec, widths[i - 1], widths[i], 2, stride=2) for i in range(1, levels))
         self.encoder = nn.ModuleList(
-            FactorizerStage(widths[i], widths[i], sizes[i], depth=depth, pos_embed=pos_embed and i == levels - 1, **block)
+            FactorizerStage(
+                widths[i], widths[i], sizes[i], depth=depth, pos_embed=pos_embed and i == levels - 1, **block
+            )
             for i in range(levels)
         )
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels - 1)))
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels - 1))
+        )
         self.decoder = nn.ModuleList(
             FactorizerStage(2 * widths[i], widths[i], sizes[i], depth=depth, pos_embed=False, **block)
             for i in reversed(range(levels - 1))
@@ -259,8 +265,15 @@ def _factorizer(
     s: float = 0.25,
 ) -> Factorizer:
     """2D Factorizer U-Net (NMF token mixing in local windows) for segmentation logits."""
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("head_dim", head_dim),
-                        ("patch", patch), ("rank", rank), ("iterations", iterations), ("depth", depth)):
+    for name, value in (
+        ("in_channels", in_channels),
+        ("out_channels", out_channels),
+        ("head_dim", head_dim),
+        ("patch", patch),
+        ("rank", rank),
+        ("iterations", iterations),
+        ("depth", depth),
+    ):
         _pos_int(name, value)
     widths = [_pos_int("widths entry", w) for w in widths]
     if len(widths) < 2:

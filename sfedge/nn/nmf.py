@@ -98,7 +98,7 @@ _STEPS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"hals": h
 class NMF(nn.Module):
     """Rank-``rank`` NMF of a batch of nonnegative (M x N) matrices, returning ``U V^T``.
 
-    ``iterations`` (K) is a plain attribute so it can be lowered at inference
+    ``iterations`` (K) is a settable attribute so it can be lowered at inference
     (rank-1 HALS converges in ~2 steps on near-rank-1 windows); the init
     buffers ``u0`` (1, M, R) and ``v0`` (1, N, R) are drawn from
     ``torch.Generator().manual_seed(seed)``, so two constructions are
@@ -174,8 +174,8 @@ class NMF(nn.Module):
             # Autocast would run the matmuls in fp16 again; the eps guards need fp32.
             with torch.autocast(device_type=x.device.type, enabled=False):
                 u, v = self.factors(x)
-        else:
-            u, v = self.factors(x)
+                return torch.matmul(u, _t(v)).to(x.dtype)
+        u, v = self.factors(x)
         return torch.matmul(u, _t(v)).to(x.dtype)
 
 

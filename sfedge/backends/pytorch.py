@@ -1,0 +1,53 @@
+"""The reference backend: the torch model itself, from an sfedge checkpoint.
+
+It has no ``make`` (the checkpoint *is* the artifact); its runner lets the
+profiler time the fp32 torch model beside the deployment artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sfedge.backends.base import Runner, TensorSpec
+
+__all__ = ["TorchRunner", "RUNNER"]
+
+
+class TorchRunner(Runner):
+    """Runs an sfedge checkpoint (.safetensors) in torch on the CPU."""
+
+    backend = "pytorch"
+
+    def load(self) -> None:
+        import torch
+
+        from sfedge.checkpoint import load_checkpoint
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        ckpt = load_checkpoint(self.path)
+        self._torch = torch
+        self.model = ckpt.model.eval()
+        shape = self.options.get("input_shape") or [1, ckpt.config.get("in_channels", 3), *ckpt.config.get("input_size", [256, 256])]
+        self.inputs = [TensorSpec("input", list(shape), "float32", "NCHW")]
+        with torch.no_grad():
+            out = self.model(torch.zeros(shape))
+        self.outputs = [TensorSpec("output", list(out.shape), "float32", "NCHW")]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._torch.no_grad():
+            y = self.model(self._torch.from_numpy(feed[self.inputs[0].name]))
+        return {self.outputs[0].name: y.numpy()}
+
+    def close(self) -> None:
+        self.model = None
+
+    def versions(self) -> dict[str, Any]:
+        import torch
+
+        return {"torch": torch.__version__}
+
+
+RUNNER = TorchRunner

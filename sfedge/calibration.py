@@ -1,0 +1,362 @@
+"""Calibration sets: real images, preprocessed exactly like the model's input, for every backend.
+
+A calibration set is described by a small TOML spec in ``calibration/``::
+
+    name = "my-octa"
+    description = "200 OCTA scans from site A"
+    [source]
+    folder = "/data/octa/png"      # or: glob = "/data/octa/**/*.png", or: builtin = "fundus-demo"
+    [preprocessing]
+    channels = 1
+    mean = [0.31]
+    std = [0.22]
+    [sampling]
+    count = 64                     # calibration samples
+    holdout = 16                   # held-out samples for parity checks (never used to calibrate)
+    seed = 0
+    size = [256, 256]              # optional: default is the target's input size
+
+One :class:`CalibrationSet` type feeds every backend: ONNX Runtime's Q/DQ
+calibrators (``onnx_reader``), the TFLite quantizer (``tflite_samples``) and
+TensorRT's calibration cache, all through :meth:`CalibrationSet.batches`.
+Images are read with Pillow (PNG/JPEG/TIFF) or numpy (NPY); the built-in
+``fundus-demo`` set crops scikit-image's real fundus photograph.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sfedge.errors import CalibrationError, UnknownNameError
+from sfedge.preprocess import FUNDUS_PREPROCESSING, Preprocessing
+
+__all__ = ["CalibrationSpec", "CalibrationSet", "load_calibration", "list_calibrations", "calibration_dirs", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+BUILTINS = ("fundus-demo",)
+SPEC_KEYS = ("name", "description", "source", "preprocessing", "sampling")
+SOURCE_KEYS = ("folder", "glob", "builtin")
+SAMPLING_KEYS = ("count", "holdout", "seed", "size", "scale")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What a calibration spec file says (validated)."""
+
+    name: str
+    description: str
+    source: dict
+    preprocessing: Preprocessing
+    count: int = 32
+    holdout: int = 16
+    seed: int = 0
+    size: tuple[int, int] | None = None
+    scale: float | None = None
+    path: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "description": self.description, "source": self.source,
+            "preprocessing": self.preprocessing.as_dict(), "count": self.count, "holdout": self.holdout,
+            "seed": self.seed, "size": list(self.size) if self.size else None, "scale": self.scale,
+        }
+
+
+@dataclass
+class CalibrationSet:
+    """Preprocessed calibration and held-out samples, float32 (N, C, H, W), plus where they came from."""
+
+    spec: CalibrationSpec
+    calibration: np.ndarray
+    holdout: np.ndarray
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        return tuple(self.calibration.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the spec and every sample's bytes: what a manifest records."""
+        h = hashlib.sha256(json.dumps(self.spec.as_dict(), sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self.calibration).tobytes())
+        h.update(np.ascontiguousarray(self.holdout).tobytes())
+        return h.hexdigest()
+
+    def batches(self, split: str = "calibration", layout: str = "NCHW", batch: int = 1) -> Iterator[np.ndarray]:
+        """Samples of ``split`` ("calibration" or "holdout") in ``layout``, ``batch`` at a time."""
+        data = self.calibration if split == "calibration" else self.holdout if split == "holdout" else None
+        if data is None:
+            raise CalibrationError(f"unknown split '{split}'", "use 'calibration' or 'holdout'")
+        if layout == "NHWC":
+            data = np.ascontiguousarray(data.transpose(0, 2, 3, 1))
+        for i in range(0, len(data), batch):
+            yield data[i : i + batch]
+
+    def onnx_reader(self, input_name: str, split: str = "calibration") -> "OnnxCalibrationReader":
+        """An onnxruntime ``CalibrationDataReader`` over this set (one sample per call)."""
+        return OnnxCalibrationReader(self, input_name, split)
+
+    def tflite_samples(self, input_name: str, layout: str = "NHWC", split: str = "calibration") -> list[dict[str, np.ndarray]]:
+        """Samples as ai-edge-quantizer wants them: one {input_name: (1, ...)} dict per sample."""
+        return [{input_name: b} for b in self.batches(split, layout)]
+
+
+class OnnxCalibrationReader:
+    """onnxruntime.quantization.CalibrationDataReader protocol (get_next / rewind) over a CalibrationSet.
+
+    Not subclassing onnxruntime's ABC keeps this module importable without
+    onnxruntime; its calibrators only call ``get_next``.
+    """
+
+    def __init__(self, calib: CalibrationSet, input_name: str, split: str = "calibration") -> None:
+        self._calib, self._name, self._split = calib, input_name, split
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        b = next(self._it, None)
+        return None if b is None else {self._name: b}
+
+    def rewind(self) -> None:
+        self._it = self._calib.batches(self._split)
+
+    def __len__(self) -> int:
+        return len(self._calib.calibration if self._split == "calibration" else self._calib.holdout)
+
+
+def calibration_dirs() -> list[Path]:
+    """Where specs are looked up by name: $SFEDGE_CALIBRATION, ./calibration, the repository's calibration/."""
+    dirs = [Path(p) for p in os.environ.get("SFEDGE_CALIBRATION", "").split(os.pathsep) if p]
+    dirs += [Path.cwd() / "calibration", Path(__file__).resolve().parent.parent / "calibration"]
+    out, seen = [], set()
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def list_calibrations() -> list[str]:
+    """Names of the calibration specs found (plus the built-ins)."""
+    return sorted({f.stem for d in calibration_dirs() for f in d.glob("*.toml")} | set(BUILTINS))
+
+
+def _spec_err(path: Path | str, msg: str, hint: str | None = None) -> CalibrationError:
+    return CalibrationError(f"calibration spec {path}: {msg}", hint)
+
+
+def load_spec(name_or_path: str | os.PathLike[str]) -> CalibrationSpec:
+    """A calibration spec by name or path (the built-in ``fundus-demo`` needs no file)."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise CalibrationError(f"calibration spec {p} does not exist", "give an existing .toml file or a set name")
+        return _parse_spec(p)
+    if p.is_dir():
+        # A bare folder of images: default preprocessing is not knowable, so refuse clearly.
+        raise CalibrationError(
+            f"{p} is a folder, not a calibration spec",
+            "write a spec TOML with [source] folder = \"...\" and its [preprocessing] (see calibration/README.md)",
+        )
+    for d in calibration_dirs():
+        f = d / f"{name_or_path}.toml"
+        if f.is_file():
+            return _parse_spec(f)
+    if str(name_or_path) == "fundus-demo":
+        return CalibrationSpec(name="fundus-demo", description="built-in", source={"builtin": "fundus-demo"},
+                               preprocessing=FUNDUS_PREPROCESSING)
+    raise UnknownNameError("calibration set", str(name_or_path), list_calibrations())
+
+
+def _int(path: Path, key: str, v: object, minimum: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise _spec_err(path, f"bad value {v!r} for '{key}'", f"give an integer >= {minimum}")
+    return v
+
+
+def _parse_spec(path: Path) -> CalibrationSpec:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise _spec_err(path, f"is not valid TOML ({e})") from None
+    for k in data:
+        if k not in SPEC_KEYS:
+            raise _spec_err(path, f"unknown key '{k}'", f"valid keys: {', '.join(SPEC_KEYS)}")
+    source = data.get("source")
+    if not isinstance(source, dict) or len(source) != 1 or next(iter(source)) not in SOURCE_KEYS:
+        raise _spec_err(path, "[source] must have exactly one of folder, glob or builtin",
+                        "e.g. [source] folder = \"images/\"")
+    if "builtin" in source and source["builtin"] not in BUILTINS:
+        raise UnknownNameError("built-in calibration source", str(source["builtin"]), list(BUILTINS))
+    if "folder" in source:  # relative folders are relative to the spec file
+        source = {"folder": str((path.parent / source["folder"]).resolve())}
+    elif "glob" in source and not os.path.isabs(source["glob"]):
+        source = {"glob": str(path.parent / source["glob"])}
+    pre_d = data.get("preprocessing")
+    if pre_d is None:
+        pre = FUNDUS_PREPROCESSING if "builtin" in source else None
+        if pre is None:
+            raise _spec_err(path, "missing [preprocessing]", "give channels, mean and std as the model was trained with")
+    else:
+        pre = Preprocessing.from_dict(pre_d)
+    sampling = data.get("sampling") or {}
+    for k in sampling:
+        if k not in SAMPLING_KEYS:
+            raise _spec_err(path, f"unknown key 'sampling.{k}'", f"valid keys: {', '.join(SAMPLING_KEYS)}")
+    size = sampling.get("size")
+    if size is not None and (not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size)):
+        raise _spec_err(path, f"bad value {size!r} for 'sampling.size'", "give [height, width]")
+    scale = sampling.get("scale")
+    if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
+        raise _spec_err(path, f"bad value {scale!r} for 'sampling.scale'", "give a positive number")
+    return CalibrationSpec(
+        name=str(data.get("name", path.stem)),
+        description=str(data.get("description", "")),
+        source=source,
+        preprocessing=pre,
+        count=_int(path, "sampling.count", sampling.get("count", 32), 1),
+        holdout=_int(path, "sampling.holdout", sampling.get("holdout", 16), 1),
+        seed=_int(path, "sampling.seed", sampling.get("seed", 0), 0),
+        size=tuple(size) if size else None,  # type: ignore[arg-type]
+        scale=float(scale) if scale is not None else None,
+        path=str(path),
+    )
+
+
+def load_calibration(
+    name_or_path: str | os.PathLike[str] | CalibrationSpec, size: tuple[int, int] | None = None
+) -> CalibrationSet:
+    """Read and preprocess a calibration set; ``size`` (H, W) is the model input size (the spec's wins if set).
+
+    Errors name the offending file: an empty folder, an unreadable image, or an
+    image whose channel count differs from the spec's.
+    """
+    spec = name_or_path if isinstance(name_or_path, CalibrationSpec) else load_spec(name_or_path)
+    hw = spec.size or size
+    if hw is None:
+        raise CalibrationError(f"calibration set '{spec.name}' has no size", "pass the model input size or set sampling.size")
+    hw = (int(hw[0]), int(hw[1]))
+    if "builtin" in spec.source:
+        return _fundus_demo(spec, hw)
+    files = _source_files(spec)
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(files))
+    files = [files[i] for i in order]
+    if len(files) < 2:
+        raise CalibrationError(
+            f"calibration set '{spec.name}' has {len(files)} image(s) in {_where(spec)}; at least 2 are needed",
+            "add images (one for calibration and one held out at the very least)",
+        )
+    n_hold = min(spec.holdout, max(1, len(files) // 4))
+    n_cal = min(spec.count, len(files) - n_hold)
+    chosen = files[:n_cal] + files[len(files) - n_hold :]
+    samples = np.stack([spec.preprocessing.apply(_read_image(f, spec.preprocessing.channels, hw)) for f in chosen])
+    return CalibrationSet(spec, samples[:n_cal], samples[n_cal:], [str(f) for f in chosen])
+
+
+def _where(spec: CalibrationSpec) -> str:
+    return spec.source.get("folder") or spec.source.get("glob") or "?"
+
+
+def _source_files(spec: CalibrationSpec) -> list[Path]:
+    if "folder" in spec.source:
+        folder = Path(spec.source["folder"])
+        if not folder.is_dir():
+            raise CalibrationError(f"calibration folder {folder} does not exist", f"fix [source] folder in {spec.path}")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise CalibrationError(
+                f"calibration folder {folder} has no images", f"add {', '.join(IMAGE_SUFFIXES)} files or fix [source] folder"
+            )
+        return files
+    pattern = spec.source["glob"]
+    files = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CalibrationError(f"calibration glob {pattern} matches no images", f"fix [source] glob in {spec.path}")
+    return files
+
+
+def _read_image(path: Path, channels: int, hw: tuple[int, int]) -> np.ndarray:
+    """Read one image as (H, W, C) resized to ``hw`` (uint8 kept uint8; float NPY kept float)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im)
+    except Exception as e:  # PIL and numpy raise many types for damaged files
+        raise CalibrationError(f"cannot read calibration image {path}: {e}", "remove or replace the file") from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise CalibrationError(f"calibration image {path} has shape {arr.shape}", "images must be HxW or HxWxC")
+    if arr.shape[-1] != channels:
+        raise CalibrationError(
+            f"calibration image {path} has {arr.shape[-1]} channel(s) but the spec says {channels}",
+            "convert the image or fix [preprocessing] channels",
+        )
+    if arr.shape[:2] != hw:
+        arr = _resize(arr, hw)
+    return arr
+
+
+def _resize(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    from skimage.transform import resize
+
+    out = resize(arr, hw, order=1, anti_aliasing=True, preserve_range=True)
+    return out.round().astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else out.astype(arr.dtype)
+
+
+def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
+    """Deterministic crops (with flips) of scikit-image's fundus photograph.
+
+    Calibration crops come from the left half, held-out crops from the right
+    half, so the two splits share no pixels.  The photograph is used at
+    ``scale`` (default: the demo's training scale) or larger when a crop would
+    not fit in half the width.
+    """
+    from sfedge.datasets.fundus import DEMO_SCALE, load_fundus
+
+    base = 1411
+    scale = max(spec.scale or DEMO_SCALE, 2 * max(hw) / base + 1e-3)
+    scale = round(scale, 3)
+    demo = load_fundus(scale)
+    h, w = demo.fov.shape
+    rng = np.random.default_rng(spec.seed)
+    half = w // 2
+
+    def crops(n: int, x0: int, x1: int) -> list[np.ndarray]:
+        out = []
+        while len(out) < n:
+            y = int(rng.integers(0, h - hw[0] + 1))
+            x = int(rng.integers(x0, x1 - hw[1] + 1))
+            if not demo.fov[y + hw[0] // 2, x + hw[1] // 2]:
+                continue
+            im = demo.image[y : y + hw[0], x : x + hw[1]]
+            if rng.random() < 0.5:
+                im = im[:, ::-1]
+            if rng.random() < 0.5:
+                im = im[::-1]
+            out.append(spec.preprocessing.apply(np.ascontiguousarray(im)))
+        return out
+
+    cal = np.stack(crops(spec.count, 0, half))
+    hold = np.stack(crops(spec.holdout, half, w))
+    return CalibrationSet(spec, cal, hold, [f"skimage.data.retina() scale={scale}"])
