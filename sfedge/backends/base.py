@@ -130,6 +130,23 @@ class ModelSource:
             self._reference[key] = np.concatenate(outs)
         return self._reference[key]
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, input_size: tuple[int, int] | list[int]) -> "ModelSource":
+        """Source for a loaded :class:`sfedge.checkpoint.Checkpoint` at the target's ``input_size`` (H, W).
+
+        Models with a fixed input size (the Factorizer's positional embedding)
+        keep their own size; parameters and buffers are made contiguous (the
+        TFLite converter bakes non-contiguous constants wrongly, TOOLCHAIN.md).
+        """
+        model = ckpt.model.eval()
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.contiguous()
+        fixed = ckpt.config.get("input_size")
+        hw = tuple(fixed) if fixed else tuple(input_size)
+        shape = (1, int(ckpt.config.get("in_channels", 3)), int(hw[0]), int(hw[1]))
+        pre = ckpt.preprocessing.as_dict() if ckpt.preprocessing is not None else None
+        return cls(model, ckpt.name, dict(ckpt.config), ckpt.weights_sha256, shape, pre)
+
     def metadata(self) -> dict[str, Any]:
         return {
             "model": self.name, "config": self.config, "weights_sha256": self.weights_sha256,
