@@ -16,7 +16,7 @@ from sfedge.train import DEMO_MODELS, TrainConfig, train_or_load
 
 __all__ = ["DEMO_TRAIN", "demo_cache_dir", "demo_checkpoints"]
 
-DEMO_TRAIN = TrainConfig(steps=400, batch=8, crop=128, lr=3e-3)
+DEMO_TRAIN = TrainConfig(steps=800, batch=8, crop=128, lr=3e-3)
 
 
 def demo_cache_dir() -> Path:

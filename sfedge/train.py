@@ -9,9 +9,10 @@ models give near-constant outputs that hide conversion bugs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, losses[-1])
     model.eval()
@@ -140,12 +141,35 @@ def train_or_load(
     a hash of everything that determines the run, so a changed recipe retrains.
     """
     from sfedge.fileio import sha256_bytes
-    from sfedge.models import create_model
 
     key = sha256_bytes(json.dumps({"name": name, "model": model_config, "train": config.key()}, sort_keys=True).encode())[:12]
     path = Path(folder) / f"{name}-{key}.safetensors"
     if path.exists():
         return load_checkpoint(path), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_suffix(".lock")):  # another process may be training the same model now
+        if path.exists():
+            return load_checkpoint(path), False
+        return _train_and_save(name, model_config, path, config, progress), True
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_and_save(
+    name: str, model_config: dict, path: Path, config: TrainConfig, progress: Callable[[int, float], None] | None
+) -> Checkpoint:
+    from sfedge.models import create_model
+
     torch.manual_seed(config.seed)
     model = create_model(name, **model_config)
     result = train(model, config, progress=progress)
@@ -156,4 +180,4 @@ def train_or_load(
         metrics={"holdout_dice": result.dice, "train_seconds": round(result.seconds, 1), "steps": result.steps,
                  "train_config": asdict(config), "labels": "Frangi pseudo-labels on skimage.data.retina()"},
     )
-    return load_checkpoint(path), True
+    return load_checkpoint(path)

@@ -1,0 +1,96 @@
+"""The `sfedge` command line: one verb per job.
+
+Every verb lives in ``sfedge/commands/<verb>.py`` with ``register(subparsers)``
+and a ``run(args) -> int``; this module only wires them up and turns errors
+into one line on stderr and a non-zero exit (a traceback only with
+``--verbose``).  Importing it is cheap: verbs import torch and the converters
+only when they run, so the runtime-only install on a device can use
+``verify``, ``profile`` and ``inspect``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+from sfedge import __version__
+from sfedge.errors import SfedgeError
+
+__all__ = ["main", "build_parser", "VERBS"]
+
+# (verb, module, one-line help) in the order `sfedge --help` lists them.
+VERBS = (
+    ("build", "sfedge.commands.build", "build per-device bundles (artifacts + manifest) for a model and target(s)"),
+    ("verify", "sfedge.commands.verify", "re-check a bundle's hashes and parity (runs on the device, no torch)"),
+    ("profile", "sfedge.commands.profile", "measure latency and memory of bundles; SFConv vs vanilla paired"),
+    ("compare", "sfedge.commands.compare", "merge profile reports from several devices into one table and figure"),
+    ("sweep", "sfedge.commands.sweep", "factorize at several ranks, build, check, profile; Pareto front"),
+    ("targets", "sfedge.commands.targets", "list the known targets and their device facts"),
+    ("inspect", "sfedge.commands.inspect", "describe a model, checkpoint, .onnx, .tflite or bundle"),
+    ("factorize", "sfedge.commands.factorize", "turn a checkpoint's convs into SFConv layers at a given s"),
+    ("train", "sfedge.commands.train", "train a model on the fundus demo data (pseudo-labels)"),
+    ("calibration", "sfedge.commands.calibration", "list calibration sets or show what one resolves to"),
+    ("demo", "sfedge.commands.demo", "the demo: train, build host-cpu and device bundles, profile"),
+)
+
+EPILOG = """examples:
+  sfedge demo                                   train the demo pair, build and profile on this CPU
+  sfedge build unet-sfconv --target host-cpu --precision int8
+  sfedge build ckpt.safetensors --target jetson-orin-nano --target android-arm64 -o bundles/
+  sfedge verify bundles/unet-sfconv__host-cpu__int8
+  sfedge profile bundles/unet-sfconv__host-cpu__fp32 --pair bundles/unet__host-cpu__fp32
+
+run `sfedge VERB --help` for a verb's options and examples."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (every verb's module is imported, which is cheap by design)."""
+    parser = argparse.ArgumentParser(
+        prog="sfedge",
+        description="Turn SFConv and vanilla medical-imaging CNNs into per-device artifacts, and profile them.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sfedge {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, module, help_text in VERBS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # a verb whose module is not written yet
+                continue
+            raise
+        p = mod.register(sub, verb, help_text)
+        p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run the verb, map errors to one line and an exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SfedgeError as e:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"sfedge {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"sfedge {args.verb}: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

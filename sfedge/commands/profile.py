@@ -1,0 +1,145 @@
+"""`sfedge profile`: latency and memory of bundles on this machine or over SSH, SFConv vs vanilla paired.
+
+Runs with the runtime-only install (numpy, rich, psutil and the runtime):
+nothing on this path imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from sfedge.errors import ConfigError
+
+__all__ = ["register", "run", "add_measure_options", "measure_config", "default_out"]
+
+EPILOG = """examples:
+  sfedge profile bundles/unet-sfconv__host-cpu__fp32 --pair bundles/unet__host-cpu__fp32
+      SFConv vs vanilla, every artifact of the bundle (ONNX Runtime and TFLite), alternating A B B A ...
+  sfedge profile bundles/*__int8 --pair bundles/unet__host-cpu__int8 --backend tflite -o reports/int8
+  sfedge profile model.onnx --runs 200 --min-seconds 5 --threads 1
+  sfedge profile bundles/unet-sfconv__android-arm64__int8 --pair bundles/unet__android-arm64__int8 \\
+      --remote pi@raspberrypi --remote me@pixel-termux --ssh-option Port=8022
+      profile on two devices in parallel over SSH and bring the reports back (then: sfedge compare)
+
+The report folder holds report.json (every raw sample), summary.csv, pairs.csv,
+samples.csv, report.md and PNG plots (when matplotlib is installed)."""
+
+
+def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(verb, help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders (or bare .onnx/.tflite/.engine files)")
+    p.add_argument("--pair", action="append", default=[], metavar="BUNDLE",
+                   help="baseline (vanilla) bundle to run alternately with each BUNDLE of the same backend, precision "
+                        "and target (repeatable: one per precision)")
+    p.add_argument("--backend", help="profile only this backend's artifact (default: every artifact in the bundle)")
+    add_measure_options(p)
+    p.add_argument("-o", "--out", type=Path, help="report folder (default: reports/profile-<time>)")
+    p.add_argument("--device", help="name for this device in reports (default: the host name)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of tables")
+    r = p.add_argument_group("remote devices (plain ssh/scp; ~/.ssh/config applies)")
+    r.add_argument("--remote", action="append", default=[], metavar="USER@HOST",
+                   help="profile on this SSH host instead (repeatable: hosts run in parallel)")
+    r.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to ssh and scp as -o KEY=VALUE (e.g. Port=2222, IdentityFile=~/.ssh/pi)")
+    r.add_argument("--remote-python", default="python3", help="Python on the remote that has sfedge (default python3)")
+    r.add_argument("--install", action="store_true",
+                   help="if sfedge or the runtime is missing on a remote, copy this sfedge over as a wheel and "
+                        "pip-install it with only the runtimes the bundles need")
+    r.add_argument("--keep-remote", action="store_true", help="leave the copied bundles and report on the remote")
+    p.set_defaults(func=run)
+    return p
+
+
+def add_measure_options(p: argparse.ArgumentParser) -> None:
+    """The measurement options `profile` and `sweep` share."""
+    g = p.add_argument_group("measurement (trtexec / benchmark_model practice)")
+    g.add_argument("--warmup-runs", type=int, default=1, help="at least this many warm-up runs (default 1)")
+    g.add_argument("--warmup-seconds", type=float, default=0.5, help="and at least this long (default 0.5)")
+    g.add_argument("--runs", type=int, default=50, help="at least this many timed runs (default 50)")
+    g.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long (default 1.0)")
+    g.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target threads)")
+    g.add_argument("--confidence", type=float, default=0.95, help="confidence of the paired ratio's CI (default 0.95)")
+    g.add_argument("--block", type=int, help="runs per alternation round in paired mode (default: about 50 ms)")
+
+
+def measure_config(args: argparse.Namespace) -> Any:
+    """MeasureConfig from the shared options."""
+    from sfedge.profile.measure import MeasureConfig
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError("--threads must be at least 1", "e.g. --threads 2")
+    return MeasureConfig(warmup_runs=args.warmup_runs, warmup_seconds=args.warmup_seconds, runs=args.runs,
+                         min_seconds=args.min_seconds, threads=args.threads, confidence=args.confidence,
+                         block=args.block)
+
+
+def default_out(kind: str) -> Path:
+    """reports/<kind>-<local time>: a fresh folder per run, so nothing is overwritten by accident."""
+    return Path("reports") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from sfedge.console import console, err_console, print_json, progress_bar
+
+    config = measure_config(args)
+    out = args.out or default_out("profile")
+    if args.remote:
+        return _run_remote(args, config, out)
+    from sfedge.profile.measure import pair_up, profile_subjects, subjects_from
+    from sfedge.profile.report import Report, pair_rows, summary_rows
+
+    subjects = [s for b in args.bundles for s in subjects_from(b, args.backend)]
+    pairs = []
+    if args.pair:
+        baselines = [s for b in args.pair for s in subjects_from(b, args.backend)]
+        pairs, subjects = pair_up(subjects, baselines), []
+    with progress_bar("profile", enabled=not args.json) as progress:
+        measurements, pairings = profile_subjects(subjects, pairs, config, progress)
+    report = Report.create(measurements, pairings, config, device=args.device)
+    report.write(out, plots=not args.no_plots)
+    if args.json:
+        print_json({"report": str(out), "device": report.device, "summary": summary_rows(report),
+                    "pairs": pair_rows(report), "notes": report.notes})
+        return 0
+    for t in report.tables():
+        console.print(t)
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    console.print(f"report: {out}")
+    return 0
+
+
+def _run_remote(args: argparse.Namespace, config: Any, out: Path) -> int:
+    from sfedge.console import console, err_console, print_json, progress_bar
+    from sfedge.errors import RemoteError
+    from sfedge.profile.compare import compare_reports
+    from sfedge.profile.remote import RemoteOptions, profile_remote
+
+    options = RemoteOptions(ssh_options=list(args.ssh_option), python=args.remote_python, install=args.install,
+                            keep=args.keep_remote)
+    with progress_bar("remote profile", enabled=not args.json) as progress:
+        results = profile_remote(list(dict.fromkeys(args.remote)), args.bundles, args.pair, backend=args.backend,
+                                 config=config, out=out, options=options, plots=not args.no_plots, progress=progress)
+    done = [r for r in results if r.report_dir]
+    comparison = compare_reports([r.report_dir for r in done])
+    if len(done) > 1:
+        comparison.write(out / "compare", plots=not args.no_plots)
+    if args.json:
+        print_json({"reports": {r.host: str(r.report_dir) for r in done}, "errors": {r.host: r.error for r in results
+                    if r.error}, "summary": comparison.summary, "pairs": comparison.pairs, "notes": comparison.notes})
+    else:
+        for t in comparison.tables():
+            console.print(t)
+        for note in comparison.notes:
+            err_console.print(f"[yellow]note:[/] {note}")
+        for r in done:
+            console.print(f"{r.host}: report {r.report_dir}" + (f" (installed {', '.join(r.installed)})" if r.installed else ""))
+    failed = [r for r in results if r.error]
+    if failed:  # the others' reports are written; fail with the first host's one-line error
+        raise RemoteError("; ".join(r.error for r in failed))
+    return 0

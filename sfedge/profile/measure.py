@@ -1,0 +1,443 @@
+"""Measurement orchestration: one worker process per configuration, single or paired.
+
+Modelled on trtexec and TFLite's benchmark_model: load time and the first
+inference are reported apart from the steady state; a warm-up (at least
+``warmup_runs`` and ``warmup_seconds``) precedes at least ``runs`` timed
+inferences lasting at least ``min_seconds``.
+
+*Paired* mode is what makes an SFConv-vs-vanilla number trustworthy on a
+shared or hot device: both configurations are loaded in their own worker, and
+the parent alternates blocks of inferences between them in the counterbalanced
+order A B B A A B ..., so slow drift (thermal throttling, another job) lands on
+both alike.  The ratio of medians gets a bootstrap CI that resamples whole
+rounds (see :mod:`sfedge.profile.stats`).
+
+Needs numpy and psutil only; the runtimes are imported in the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import sfedge
+from sfedge import errors
+from sfedge.errors import BundleError, ConfigError, SfedgeError
+from sfedge.profile.memory import memory_notes
+from sfedge.profile.stats import CV_WARNING, RatioCI, Summary, ratio_of_medians, summarize
+
+__all__ = [
+    "MeasureConfig", "Subject", "Measurement", "Pairing", "WorkerProcess", "measure", "measure_pair",
+    "subjects_from", "pair_up", "profile_subjects",
+]
+
+Progress = Callable[[str, "float | None"], None]
+ROUND_SECONDS = 0.05  # paired mode: aim for blocks of about this long, so rounds are many and close in time
+MIN_ROUNDS = 20  # ... but never fewer rounds than this for the runs asked (the bootstrap resamples rounds)
+
+
+@dataclass
+class MeasureConfig:
+    """How long and how often to measure (defaults follow trtexec / benchmark_model practice)."""
+
+    warmup_runs: int = 1
+    warmup_seconds: float = 0.5
+    runs: int = 50
+    min_seconds: float = 1.0
+    threads: int | None = None  # overrides each artifact's target threads
+    block: int | None = None  # inferences per round in paired mode (None: about ROUND_SECONDS)
+    confidence: float = 0.95
+    resamples: int = 2000
+    sample_interval: float = 0.02  # RSS sampler period (s); ru_maxrss catches what it misses
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup_runs < 1:
+            raise ConfigError("--runs and --warmup-runs must be at least 1", "e.g. --runs 50 --warmup-runs 1")
+        if self.min_seconds < 0 or self.warmup_seconds < 0:
+            raise ConfigError("--min-seconds and --warmup-seconds cannot be negative", "e.g. --min-seconds 1")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence {self.confidence} is not in (0, 1)", "e.g. --confidence 0.95")
+        if self.block is not None and self.block < 1:
+            raise ConfigError("--block must be at least 1", "or leave it out to size blocks automatically")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Subject:
+    """One configuration to measure: an artifact file and what it is."""
+
+    path: Path
+    backend: str
+    model: str
+    precision: str
+    label: str = ""
+    threads: int | None = None
+    input: Path | None = None  # .npy of float32 NCHW inputs (the bundle's held-out split); None: random feed
+    runner: str | None = None  # "module:Class" of a custom Runner instead of the backend registry
+    options: dict[str, Any] = field(default_factory=dict)
+    size_bytes: int = 0  # the artifact file and its companions (external weights)
+    meta: dict[str, Any] = field(default_factory=dict)  # bundle, target, family, conv, s, pair_key
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.label:
+            self.label = f"{self.model} {self.backend} {self.precision}"
+        if not self.size_bytes and self.path.is_file():
+            self.size_bytes = self.path.stat().st_size + sum(
+                f.stat().st_size for f in self.path.parent.glob(self.path.name + ".data") if f.is_file())
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"], d["input"] = str(self.path), str(self.input) if self.input else None
+        return d
+
+
+@dataclass
+class Measurement:
+    """Everything measured for one configuration; every raw sample is kept (milliseconds)."""
+
+    label: str
+    model: str
+    backend: str
+    precision: str
+    artifact: str
+    artifact_bytes: int
+    threads: int | None
+    import_ms: float
+    load_ms: float
+    first_ms: float
+    warmup_ms: list[float]
+    samples_ms: list[float]
+    rounds: list[int]  # the round each sample belongs to (paired runs alternate rounds)
+    memory: dict[str, Any]
+    starts_s: list[float] = field(default_factory=list)  # when each timed inference started, s after the first one
+    versions: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    feed: str = ""
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> Summary:
+        return summarize(self.samples_ms)
+
+    @property
+    def drift(self) -> float:
+        """Median of the last third of the samples over the first third (1.0: no drift during the run)."""
+        n = len(self.samples_ms) // 3
+        if n < 3:
+            return 1.0
+        import numpy as np
+
+        return float(np.median(self.samples_ms[-n:]) / np.median(self.samples_ms[:n]))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["summary"] = self.summary.as_dict()
+        d["drift"] = self.drift
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Pairing:
+    """A paired comparison: candidate (SFConv) against baseline (vanilla), run alternately."""
+
+    candidate: str  # Measurement labels
+    baseline: str
+    ratio: RatioCI
+    block: int
+    rounds: int
+    order: str = "ABBA"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"candidate": self.candidate, "baseline": self.baseline, "ratio": self.ratio.as_dict(),
+                "block": self.block, "rounds": self.rounds, "order": self.order}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pairing:
+        return cls(d["candidate"], d["baseline"], RatioCI.from_dict(d["ratio"]), d["block"], d["rounds"], d.get("order", "ABBA"))
+
+
+# -- the worker process ------------------------------------------------------------
+class WorkerProcess:
+    """A ``python -m sfedge.profile.worker`` subprocess and its request/reply channel."""
+
+    def __init__(self, subject: Subject, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+        self.subject = subject
+        package_root = str(Path(sfedge.__file__).resolve().parent.parent)
+        environment = dict(os.environ if env is None else env)
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environment.get("PYTHONPATH")) if p)
+        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [python, "-m", "sfedge.profile.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, text=True, bufsize=1, env=environment,
+        )
+
+    def request(self, cmd: str, **params: Any) -> dict[str, Any]:
+        """Send one command and wait for its reply (SfedgeError naming the configuration on failure)."""
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": cmd, **params}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self.proc.wait(timeout=10)
+            raise SfedgeError(
+                f"the profiling worker for {self.subject.label} exited (code {self.proc.returncode}) during '{cmd}': "
+                f"{self.stderr_tail() or 'no output'}",
+                "run with --verbose; a crash while loading usually means the runtime does not support this artifact",
+            )
+        reply = json.loads(line)
+        if not reply.pop("ok", False):
+            raise _worker_error(reply, self.subject.label, cmd)
+        return reply
+
+    def stderr_tail(self, lines: int = 1) -> str:
+        self._stderr.seek(0)
+        text = [ln.strip() for ln in self._stderr.read().splitlines() if ln.strip()]
+        return " | ".join(text[-lines:])
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"cmd": "exit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+        self._stderr.close()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _worker_error(reply: dict[str, Any], label: str, cmd: str) -> SfedgeError:
+    """Re-raise a worker's exception as the same sfedge error class, naming the configuration."""
+    cls = getattr(errors, str(reply.get("type")), None)
+    message = f"{label}: {reply.get('error')}"
+    if isinstance(cls, type) and issubclass(cls, SfedgeError) and cls is not errors.UnknownNameError:
+        return cls(message)
+    return SfedgeError(f"{label}: '{cmd}' failed: {reply.get('type')}: {reply.get('error')}",
+                       "run with --verbose for the worker's traceback")
+
+
+# -- measuring ---------------------------------------------------------------------
+def measure(subject: Subject, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None) -> Measurement:
+    """Measure one configuration in its own worker process."""
+    return _run([subject], config, progress)[0]
+
+
+def measure_pair(
+    candidate: Subject, baseline: Subject, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None,
+) -> tuple[Measurement, Measurement, Pairing]:
+    """Measure two configurations alternately (A B B A ...) and compare their medians with a bootstrap CI."""
+    a, b = _run([candidate, baseline], config, progress)
+    ci = ratio_of_medians(a.samples_ms, b.samples_ms, candidate_rounds=a.rounds, baseline_rounds=b.rounds,
+                          confidence=config.confidence, resamples=config.resamples, seed=config.seed)
+    block = max(1, round(len(a.samples_ms) / max(1, len(set(a.rounds)))))
+    return a, b, Pairing(a.label, b.label, ci, block, len(set(a.rounds)))
+
+
+def _run(subjects: Sequence[Subject], config: MeasureConfig, progress: Progress | None) -> list[Measurement]:
+    say = progress or (lambda message, fraction=None: None)
+    workers = [WorkerProcess(s) for s in subjects]
+    try:
+        loaded = []
+        for w in workers:
+            say(f"loading {w.subject.label}", 0.0)
+            threads = config.threads or w.subject.threads
+            loaded.append(w.request("load", path=str(w.subject.path), backend=w.subject.backend, threads=threads,
+                                    options=w.subject.options, input=str(w.subject.input) if w.subject.input else None,
+                                    runner=w.subject.runner, sample_interval=config.sample_interval))
+        warm: list[list[float]] = []
+        for w in workers:
+            say(f"warming up {w.subject.label}", 0.0)
+            reply = w.request("warmup", runs=config.warmup_runs, seconds=config.warmup_seconds)
+            warm.append([ns / 1e6 for ns in reply["samples_ns"]])
+        block = config.block or _block_size(max(_median(ms) for ms in warm) / 1e3, config, len(workers))
+        samples: list[list[float]] = [[] for _ in workers]
+        rounds: list[list[int]] = [[] for _ in workers]
+        starts: list[list[int]] = [[] for _ in workers]
+        r = 0
+        while not all(len(s) >= config.runs and sum(s) / 1e3 >= config.min_seconds for s in samples):
+            order = range(len(workers)) if r % 2 == 0 else reversed(range(len(workers)))
+            for i in order:
+                reply = workers[i].request("run", count=block)
+                samples[i].extend(ns / 1e6 for ns in reply["samples_ns"])
+                rounds[i].extend([r] * len(reply["samples_ns"]))
+                starts[i].extend(reply["starts_ns"])
+            r += 1
+            done = min(min(len(s) / config.runs, (sum(s) / 1e3 / config.min_seconds) if config.min_seconds else 1.0)
+                       for s in samples)
+            say(f"measuring {' vs '.join(w.subject.label for w in workers)}", min(1.0, done))
+        memory = [w.request("memory") for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+    origin = min(st[0] for st in starts)
+    measurements = [_measurement(w.subject, config, ld, wm, s, rd, mem)
+                    for w, ld, wm, s, rd, mem in zip(workers, loaded, warm, samples, rounds, memory)]
+    for m, st in zip(measurements, starts):
+        m.starts_s = [round((t - origin) / 1e9, 7) for t in st]
+    return measurements
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _block_size(seconds_per_run: float, config: MeasureConfig, n_workers: int) -> int:
+    """Inferences per round: about ROUND_SECONDS (0.2 s when single), but at least MIN_ROUNDS rounds when paired.
+
+    Rounds must be short so drift is shared between A and B, and many because
+    the bootstrap resamples rounds; but not a handful of inferences each, or
+    switching processes (cold caches, IPC) would weigh on fast models.
+    """
+    per_run = max(seconds_per_run, 1e-6)
+    expected = max(config.runs, math.ceil(config.min_seconds / per_run))
+    if n_workers == 1:
+        return max(1, min(expected, round(0.2 / per_run)))
+    return max(1, min(round(ROUND_SECONDS / per_run), expected // MIN_ROUNDS))
+
+
+def _measurement(subject: Subject, config: MeasureConfig, loaded: dict, warm: list[float], samples: list[float],
+                 rounds: list[int], memory: dict) -> Measurement:
+    runtime = memory.pop("runtime", {})
+    mem = {k: loaded[k] for k in ("rss_start", "rss_before_load", "rss_after_load", "rss_after_first")}
+    mem.update(memory)
+    mem["runtime"] = runtime
+    m = Measurement(
+        label=subject.label, model=subject.model, backend=subject.backend, precision=subject.precision,
+        artifact=str(subject.path), artifact_bytes=subject.size_bytes, threads=config.threads or subject.threads,
+        import_ms=loaded["import_ms"], load_ms=loaded["load_ms"], first_ms=loaded["first_ms"], warmup_ms=warm,
+        samples_ms=samples, rounds=rounds, memory=mem, versions=loaded.get("versions", {}), inputs=loaded["inputs"],
+        feed=loaded["feed"], meta=dict(subject.meta),
+    )
+    s = m.summary
+    if s.noisy:
+        m.notes.append(f"{m.label}: coefficient of variation {s.cv:.1%} > {CV_WARNING:.0%}: the machine is noisy "
+                       "or throttling; close other work, fix the clock governor, or compare only paired ratios")
+    m.notes.extend(memory_notes(subject.backend, runtime))
+    return m
+
+
+# -- what to measure -----------------------------------------------------------------
+def subjects_from(path: str | Path, backend: str | None = None) -> list[Subject]:
+    """The configurations in a bundle (every runnable artifact, or the one for ``backend``) or a bare artifact file."""
+    from sfedge.backends import backend_for_path
+    from sfedge.bundle import is_bundle, load_bundle
+
+    p = Path(path)
+    if p.is_file():
+        found = backend_for_path(p)
+        if backend and backend != found:
+            raise ConfigError(f"{p.name} is a {found} artifact, not {backend}", f"drop --backend or use --backend {found}")
+        return [Subject(p, found, p.stem, "unknown")]
+    if not is_bundle(p):
+        raise BundleError(f"{p} is neither a bundle folder nor an artifact file",
+                          "give a folder written by `sfedge build` or an .onnx / .tflite / .engine file")
+    bundle = load_bundle(p)
+    artifacts = [bundle.artifact(backend)] if backend else [a for a in bundle.artifacts if a.kind != "device-folder"]
+    if not artifacts:
+        bundle.artifact()  # raises the bundle's own "no runnable artifact" error
+    model = bundle.manifest["model"]
+    s = model.get("s") if model.get("conv") == "sfconv" or model.get("s") is not None else None
+    name = f"{bundle.model_name}(s={s:g})" if isinstance(s, (int, float)) else bundle.model_name
+    ref = (bundle.manifest.get("reference") or {}).get("inputs")
+    meta = {"bundle": str(p), "target": bundle.target_name, "family": model.get("family"), "conv": model.get("conv"),
+            "s": s, "macs": model.get("macs"), "params": model.get("params"), "pair_key": bundle.pair_key}
+    out = []
+    for a in artifacts:
+        size = sum(int(e.get("size", 0)) for e in bundle.manifest["artifacts"] if e["path"] == str(a.path.relative_to(p)))
+        size += sum(f.stat().st_size for f in a.files if f.is_file() and f.name.startswith(a.path.name))
+        out.append(Subject(a.path, a.backend, name, a.precision, threads=bundle.manifest["target"].get("threads"),
+                           input=(p / ref) if ref and (p / ref).is_file() else None, size_bytes=size,
+                           meta={**meta, "parity": a.parity}))
+    return out
+
+
+def pair_up(candidates: Sequence[Subject], baselines: Sequence[Subject]) -> list[tuple[Subject, Subject]]:
+    """Match each candidate with the baseline of the same backend, precision and pairing key (model family/config, target).
+
+    A lone candidate and a lone baseline of the same backend pair even without
+    bundle metadata (bare artifact files).
+    """
+    pairs = []
+    for c in candidates:
+        same = [b for b in baselines if b.backend == c.backend and b.precision == c.precision
+                and b.meta.get("pair_key") == c.meta.get("pair_key")]
+        if not same and len(baselines) == 1 and baselines[0].backend == c.backend and not c.meta.get("pair_key"):
+            same = list(baselines)
+        if not same:
+            have = ", ".join(f"{b.label}" for b in baselines) or "none"
+            raise ConfigError(
+                f"no --pair artifact matches {c.label} (same backend, precision, target and model family/config needed)",
+                f"--pair gave: {have}; build the vanilla bundle for the same target and precision",
+            )
+        pairs.append((c, same[0]))
+    return pairs
+
+
+def profile_subjects(
+    subjects: Sequence[Subject],
+    pairs: Sequence[tuple[Subject, Subject]] = (),
+    config: MeasureConfig = MeasureConfig(),
+    progress: Progress | None = None,
+) -> tuple[list[Measurement], list[Pairing]]:
+    """Measure ``subjects`` one by one and ``pairs`` alternately; labels are made unique."""
+    pairs = [(replace(c), replace(b)) for c, b in pairs]  # a baseline shared by two pairs is measured twice
+    subjects = [replace(s) for s in subjects]
+    _unique_labels([*(s for p in pairs for s in p), *subjects])
+    measurements: list[Measurement] = []
+    pairings: list[Pairing] = []
+    total = len(subjects) + len(pairs)
+
+    def part(i: int) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda message, fraction=None: progress(f"[{i + 1}/{total}] {message}",
+                                                       None if fraction is None else (i + fraction) / total)
+
+    for i, (cand, base) in enumerate(pairs):
+        a, b, pairing = measure_pair(cand, base, config, part(i))
+        measurements += [a, b]
+        pairings.append(pairing)
+    for j, subject in enumerate(subjects):
+        measurements.append(measure(subject, config, part(len(pairs) + j)))
+    return measurements, pairings
+
+
+def _unique_labels(subjects: Sequence[Subject]) -> None:
+    seen: dict[str, int] = {}
+    for s in subjects:
+        seen[s.label] = seen.get(s.label, 0) + 1
+        if seen[s.label] > 1:
+            s.label = f"{s.label} #{seen[s.label]}"

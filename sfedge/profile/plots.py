@@ -1,0 +1,193 @@
+"""PNG plots for profile, compare and sweep reports (matplotlib, Agg backend, imported lazily).
+
+A device with only the runtime-only install has no matplotlib: every entry
+point here then returns a one-line note instead of failing, and the report
+keeps its JSON, CSV and Markdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sfedge.profile.stats import pareto_front
+
+if TYPE_CHECKING:
+    from sfedge.profile.report import Report
+
+__all__ = ["write_report_plots", "plot_compare", "plot_sweep", "MISSING_NOTE"]
+
+MISSING_NOTE = "matplotlib is not installed here, so no plots were drawn (pip install 'sfedge[plots]' to get them)"
+MIB = 1024 * 1024
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report_plots(report: Report, folder: Path) -> str | None:
+    """latency.png, speedup.png (when paired) and memory.png into ``folder``; a note if matplotlib is missing."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return MISSING_NOTE
+    _latency(plt, report, folder / "latency.png")
+    if report.pairings:
+        _speedup(plt, report, folder / "speedup.png")
+    _memory(plt, report, folder / "memory.png")
+    return None
+
+
+def _latency(plt: Any, report: Report, path: Path) -> None:
+    """Latency distribution per configuration, one panel per precision (box + every sample as a dot)."""
+    groups: dict[str, list[Any]] = {}
+    for m in report.measurements:
+        groups.setdefault(m.precision, []).append(m)
+    fig, axes = plt.subplots(len(groups), 1, squeeze=False,
+                             figsize=(8, 1.2 + sum(0.55 * len(v) + 0.6 for v in groups.values())),
+                             height_ratios=[len(v) + 1 for v in groups.values()])
+    for ax, (precision, ms) in zip(axes[:, 0], groups.items()):
+        data = [m.samples_ms for m in ms]
+        ax.boxplot(data, orientation="horizontal", showfliers=False, widths=0.6)
+        rng = np.random.default_rng(0)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(d, i + rng.uniform(-0.18, 0.18, len(d)), s=3, alpha=0.25, color="tab:blue", linewidths=0)
+        ax.set_yticks(range(1, len(ms) + 1), [m.label for m in ms], fontsize=8)
+        ax.set_title(f"{precision}", fontsize=9, loc="left")
+        lo = min(min(d) for d in data)
+        hi = max(max(d) for d in data)
+        if hi / max(lo, 1e-9) > 20:
+            ax.set_xscale("log")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("latency per inference (ms)")
+    fig.suptitle(f"{report.device}: latency distribution", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _speedup(plt: Any, report: Report, path: Path) -> None:
+    from sfedge.profile.report import pair_rows
+
+    rows = pair_rows(report)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
+    y = list(range(len(rows)))
+    vals = [r["speedup"] for r in rows]
+    err = [[r["speedup"] - r["speedup_low"] for r in rows], [r["speedup_high"] - r["speedup"] for r in rows]]
+    ax.barh(y, vals, xerr=err, color=["tab:green" if v >= 1 else "tab:red" for v in vals], alpha=0.8, capsize=4)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(y, [f"{r['candidate']}\nvs {r['baseline']}" for r in rows], fontsize=7)
+    for yi, v in zip(y, vals):
+        ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
+    ax.set_xlabel(f"speedup = median(baseline) / median(candidate), {rows[0]['confidence']:.0%} bootstrap CI")
+    ax.set_title(f"{report.device}: paired speedup", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _memory(plt: Any, report: Report, path: Path) -> None:
+    keys = [("rss_before_load", "RSS before load"), ("rss_after_load", "RSS after load"),
+            ("peak_rss_steady", "peak RSS (steady)"), ("artifact", "artifact file")]
+    ms = report.measurements
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(ms)))
+    height = 0.8 / len(keys)
+    for k, (key, name) in enumerate(keys):
+        vals = [(m.artifact_bytes if key == "artifact" else (m.memory.get(key) or 0)) / MIB for m in ms]
+        ax.barh([i + (k - 1.5) * height for i in range(len(ms))], vals, height=height, label=name)
+    ax.set_yticks(range(len(ms)), [m.label for m in ms], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{report.device}: memory (worker process)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(pairs: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]], path: Path) -> str | None:
+    """One figure for several devices: paired speedups (with CIs) and median latency per configuration."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return MISSING_NOTE
+    devices = list(dict.fromkeys(r["device"] for r in [*pairs, *summaries]))
+    panels = 2 if pairs else 1
+    fig, axes = plt.subplots(1, panels, squeeze=False, figsize=(6.5 * panels, 1.5 + 0.5 * max(
+        len({_pair_name(r) for r in pairs}) * len(devices), len({r["label"] for r in summaries}) * 0.6 * len(devices), 3)))
+    width = 0.8 / max(1, len(devices))
+    if pairs:
+        ax = axes[0, 0]
+        names = list(dict.fromkeys(_pair_name(r) for r in pairs))
+        for d, dev in enumerate(devices):
+            rows = {_pair_name(r): r for r in pairs if r["device"] == dev}
+            y = [i + (d - (len(devices) - 1) / 2) * width for i, n in enumerate(names) if n in rows]
+            sel = [rows[n] for n in names if n in rows]
+            ax.barh(y, [r["speedup"] for r in sel], height=width, label=dev, capsize=3,
+                    xerr=[[r["speedup"] - r["speedup_low"] for r in sel], [r["speedup_high"] - r["speedup"] for r in sel]])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("paired speedup (baseline / candidate), bootstrap CI")
+        ax.legend(fontsize=7)
+    ax = axes[0, -1]
+    labels = list(dict.fromkeys(r["label"] for r in summaries))
+    for d, dev in enumerate(devices):
+        rows = {r["label"]: r for r in summaries if r["device"] == dev}
+        y = [i + (d - (len(devices) - 1) / 2) * width for i, n in enumerate(labels) if n in rows]
+        ax.barh(y, [rows[n]["median_ms"] for n in labels if n in rows], height=width, label=dev)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency (ms, log scale)")
+    ax.legend(fontsize=7)
+    fig.suptitle("sfedge compare: " + ", ".join(devices), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def _pair_name(row: dict[str, Any]) -> str:
+    return f"{row['candidate']} vs {row['baseline']}"
+
+
+def plot_sweep(points: Sequence[dict[str, Any]], path: Path, title: str) -> str | None:
+    """Latency against parity (and against held-out Dice where present), Pareto front drawn as a step line."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return MISSING_NOTE
+    axes_spec = [("dice_agreement", "mask Dice agreement with the vanilla model")]
+    if any(p.get("holdout_dice") is not None for p in points):
+        axes_spec.append(("holdout_dice", "held-out Dice (pseudo-labels)"))
+    fig, axes = plt.subplots(1, len(axes_spec), squeeze=False, figsize=(5.5 * len(axes_spec), 4.2))
+    for ax, (key, name) in zip(axes[0], axes_spec):
+        pts = [p for p in points if p.get(key) is not None and p.get("median_ms") is not None]
+        front = {id(p) for p in pareto_front(pts, key)}
+        for p in pts:
+            on = id(p) in front
+            ax.scatter(p["median_ms"], p[key], s=50 if on else 30, color="tab:red" if on else "tab:gray",
+                       marker="s" if p.get("s") is None else "o", zorder=3)
+            ax.annotate(p["name"], (p["median_ms"], p[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        fr = sorted((p for p in pts if id(p) in front), key=lambda p: p["median_ms"])
+        if len(fr) > 1:
+            ax.step([p["median_ms"] for p in fr], [p[key] for p in fr], where="post", color="tab:red", alpha=0.6,
+                    label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("median latency (ms)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,275 @@
+"""Profile reports: one folder per run with every raw sample, for people and for machines.
+
+A report folder holds ``report.json`` (schema ``sfedge-profile/1``: the host,
+the measurement settings, every measurement with all raw samples, the paired
+ratios), ``summary.csv`` (one row per configuration), ``pairs.csv``,
+``samples.csv`` (every timed inference, long format), ``report.md`` and the
+PNG plots.  The folder is written under a temporary name and renamed into
+place, so an interrupted run leaves no report that looks whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sfedge
+from sfedge.console import fmt_bytes, table
+from sfedge.errors import SfedgeError
+from sfedge.fileio import atomic_dir, write_json
+from sfedge.profile.measure import MeasureConfig, Measurement, Pairing
+from sfedge.profile.stats import CV_WARNING
+
+__all__ = [
+    "SCHEMA", "REPORT_JSON", "Report", "host_info", "load_report", "summary_rows", "pair_rows", "write_csv", "markdown_table",
+]
+
+SCHEMA = "sfedge-profile/1"
+REPORT_JSON = "report.json"
+MIB = 1024 * 1024
+
+
+@dataclass
+class Report:
+    """The result of one ``sfedge profile`` run on one device."""
+
+    device: str
+    host: dict[str, Any]
+    config: dict[str, Any]
+    measurements: list[Measurement]
+    pairings: list[Pairing] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    created: str = ""
+    schema: str = SCHEMA
+
+    @classmethod
+    def create(cls, measurements: list[Measurement], pairings: list[Pairing], config: MeasureConfig,
+               device: str | None = None, notes: list[str] | None = None) -> Report:
+        """A report stamped with this host's facts and the time now; notes gathered from the measurements."""
+        host = host_info()
+        gathered = list(notes or [])
+        for m in measurements:
+            for n in m.notes:
+                if n not in gathered:
+                    gathered.append(n)
+        return cls(device=device or host["hostname"], host=host, config=config.as_dict(), measurements=measurements,
+                   pairings=pairings, notes=gathered, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def measurement(self, label: str) -> Measurement:
+        for m in self.measurements:
+            if m.label == label:
+                return m
+        raise KeyError(label)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "created": self.created, "device": self.device, "host": self.host,
+            "config": self.config, "measurements": [m.as_dict() for m in self.measurements],
+            "pairings": [p.as_dict() for p in self.pairings], "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        return cls(
+            device=d["device"], host=d.get("host", {}), config=d.get("config", {}),
+            measurements=[Measurement.from_dict(m) for m in d["measurements"]],
+            pairings=[Pairing.from_dict(p) for p in d.get("pairings", [])], notes=list(d.get("notes", [])),
+            created=d.get("created", ""), schema=d.get("schema", SCHEMA),
+        )
+
+    # -- writing ---------------------------------------------------------------------
+    def write(self, folder: str | os.PathLike[str], plots: bool = True) -> list[Path]:
+        """Write the report folder (replacing an older one only once the new one is complete); returns its files."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / REPORT_JSON, self.as_dict())
+            write_csv(tmp / "summary.csv", summary_rows(self))
+            write_csv(tmp / "pairs.csv", pair_rows(self))
+            write_csv(tmp / "samples.csv", [
+                {"device": self.device, "label": m.label, "index": i, "round": r, "ms": round(v, 6)}
+                for m in self.measurements for i, (v, r) in enumerate(zip(m.samples_ms, m.rounds))
+            ])
+            if plots:
+                from sfedge.profile.plots import write_report_plots
+
+                note = write_report_plots(self, tmp)
+                if note and note not in self.notes:
+                    self.notes.append(note)
+            (tmp / "report.md").write_text(self.markdown(sorted(f.name for f in tmp.glob("*.png"))))
+        return sorted(folder.iterdir())
+
+    def markdown(self, plots: list[str] | tuple[str, ...] = ()) -> str:
+        """The report as Markdown tables (summary, pairs, memory, notes)."""
+        h = self.host
+        lines = [
+            f"# sfedge profile: {self.device}", "",
+            f"{self.created} · {h.get('cpu') or h.get('machine')} · {h.get('cpu_count')} cores · "
+            f"{h.get('platform')} · sfedge {h.get('sfedge')}", "",
+            f"Warm-up ≥ {self.config.get('warmup_runs')} runs and {self.config.get('warmup_seconds')} s; "
+            f"measured ≥ {self.config.get('runs')} runs and {self.config.get('min_seconds')} s per configuration.", "",
+        ]
+        if self.pairings:
+            lines += ["## Paired comparisons (alternating A B B A ...)", ""]
+            rows = pair_rows(self)
+            lines += markdown_table(
+                ["candidate", "baseline", "median A ms", "median B ms", "speedup B/A", f"{_ci_pct(self)} CI", "rounds"],
+                [[r["candidate"], r["baseline"], f"{r['median_candidate_ms']:.3f}", f"{r['median_baseline_ms']:.3f}",
+                  f"{r['speedup']:.3f}x", f"[{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
+                 for r in rows])
+            lines.append("")
+        lines += ["## Latency (ms)", ""]
+        lines += markdown_table(
+            ["configuration", "n", "min", "median", "mean", "p90", "p99", "std", "CV", "load ms", "first ms"],
+            [[r["label"], r["n"], f"{r['min_ms']:.3f}", f"{r['median_ms']:.3f}", f"{r['mean_ms']:.3f}",
+              f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['std_ms']:.3f}",
+              f"{r['cv']:.1%}" + (" ⚠" if r["cv"] > CV_WARNING else ""), f"{r['load_ms']:.1f}", f"{r['first_ms']:.1f}"]
+             for r in summary_rows(self)])
+        lines += ["", "## Memory", ""]
+        lines += markdown_table(
+            ["configuration", "artifact", "RSS before load", "after load", "after 1st run", "peak (sampled)",
+             "peak (ru_maxrss)", "runtime-reported"],
+            [[m.label, fmt_bytes(m.artifact_bytes), fmt_bytes(m.memory.get("rss_before_load")),
+              fmt_bytes(m.memory.get("rss_after_load")), fmt_bytes(m.memory.get("rss_after_first")),
+              fmt_bytes(m.memory.get("peak_rss_steady")), fmt_bytes(m.memory.get("peak_rss_lifetime")),
+              _runtime_memory(m.memory.get("runtime") or {})] for m in self.measurements])
+        if plots:
+            lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots]]
+        if self.notes:
+            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
+
+    # -- terminal --------------------------------------------------------------------
+    def tables(self) -> list[Any]:
+        """Rich tables for the terminal: paired ratios first (the headline), then latency and memory."""
+        out = []
+        if self.pairings:
+            out.append(table(
+                f"{self.device}: paired (A B B A ...), ratio of medians with {_ci_pct(self)} bootstrap CI",
+                ["candidate (A)", "baseline (B)", "median A ms", "median B ms", "speedup B/A", "CI", "rounds"],
+                [[r["candidate"], r["baseline"], r["median_candidate_ms"], r["median_baseline_ms"],
+                  f"{r['speedup']:.3f}x", f"[{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
+                 for r in pair_rows(self)]))
+        rows = summary_rows(self)
+        out.append(table(
+            f"{self.device}: latency (ms)",
+            ["configuration", "n", "min", "median", "p90", "p99", "CV", "load ms", "1st ms", "RSS load", "RSS peak",
+             "size"],
+            [[r["label"], r["n"], r["min_ms"], r["median_ms"], r["p90_ms"], r["p99_ms"],
+              f"{r['cv']:.1%}" + (" !" if r["cv"] > CV_WARNING else ""), r["load_ms"], r["first_ms"],
+              fmt_bytes(r["rss_after_load"] - r["rss_before_load"]), fmt_bytes(r["peak_rss_steady"]),
+              fmt_bytes(r["artifact_bytes"])] for r in rows],
+            caption="RSS load = growth while loading; RSS peak = sampled steady-state peak of the worker process",
+        ))
+        return out
+
+
+def _ci_pct(report: Report) -> str:
+    return f"{float(report.config.get('confidence', 0.95)):.0%}"
+
+
+def _runtime_memory(info: dict[str, Any]) -> str:
+    shown = {k: v for k, v in info.items() if isinstance(v, (int, float)) and k.endswith(("bytes", "memory"))}
+    return ", ".join(f"{k}={fmt_bytes(v)}" for k, v in shown.items()) or "-"
+
+
+def summary_rows(report: Report) -> list[dict[str, Any]]:
+    """One flat row per measurement (the CSV and the tables are built from these)."""
+    rows = []
+    for m in report.measurements:
+        s = m.summary
+        mem = m.memory
+        rows.append({
+            "device": report.device, "label": m.label, "model": m.model, "backend": m.backend,
+            "precision": m.precision, "threads": m.threads, "n": s.n, "min_ms": s.min, "mean_ms": s.mean,
+            "median_ms": s.median, "p90_ms": s.p90, "p99_ms": s.p99, "max_ms": s.max, "std_ms": s.std, "cv": s.cv,
+            "drift": m.drift, "import_ms": m.import_ms, "load_ms": m.load_ms, "first_ms": m.first_ms,
+            "rss_before_load": mem.get("rss_before_load"), "rss_after_load": mem.get("rss_after_load"),
+            "rss_after_first": mem.get("rss_after_first"), "peak_rss_steady": mem.get("peak_rss_steady"),
+            "peak_rss_lifetime": mem.get("peak_rss_lifetime"), "artifact_bytes": m.artifact_bytes,
+            "s": m.meta.get("s"), "artifact": m.artifact,
+        })
+    return rows
+
+
+def pair_rows(report: Report) -> list[dict[str, Any]]:
+    """One flat row per paired comparison."""
+    rows = []
+    for p in report.pairings:
+        a, b = report.measurement(p.candidate), report.measurement(p.baseline)
+        rows.append({
+            "device": report.device, "candidate": p.candidate, "baseline": p.baseline, "backend": a.backend,
+            "precision": a.precision, "median_candidate_ms": a.summary.median, "median_baseline_ms": b.summary.median,
+            "ratio": p.ratio.ratio, "ratio_low": p.ratio.low, "ratio_high": p.ratio.high,
+            "speedup": p.ratio.speedup, "speedup_low": p.ratio.speedup_low, "speedup_high": p.ratio.speedup_high,
+            "confidence": p.ratio.confidence, "rounds": p.rounds, "block": p.block,
+        })
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def load_report(path: str | os.PathLike[str]) -> Report:
+    """A report from its folder or its report.json (SfedgeError when it is not one)."""
+    p = Path(path)
+    f = p / REPORT_JSON if p.is_dir() else p
+    if not f.is_file():
+        raise SfedgeError(f"{p} is not a profile report (no {REPORT_JSON})", "give a folder written by `sfedge profile -o`")
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SfedgeError(f"{f} is unreadable or corrupt ({e})", "re-run sfedge profile") from None
+    if d.get("schema") != SCHEMA:
+        raise SfedgeError(f"{f} has schema {d.get('schema')!r}", f"this sfedge reads {SCHEMA}")
+    return Report.from_dict(d)
+
+
+def host_info() -> dict[str, Any]:
+    """Facts about the machine measured on (CPU model, cores, memory, load, Jetson model/L4T where present)."""
+    import psutil
+
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
+        "python": platform.python_version(), "sfedge": sfedge.__version__, "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total, "cpu": _cpu_model(),
+    }
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    for key, path in (("device_model", "/proc/device-tree/model"), ("l4t", "/etc/nv_tegra_release")):
+        try:
+            info[key] = Path(path).read_text(errors="replace").strip("\x00\n ").splitlines()[0]
+        except (OSError, IndexError):
+            pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

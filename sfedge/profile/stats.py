@@ -1,0 +1,186 @@
+"""Latency statistics: the summary trtexec and benchmark_model print, and a paired ratio with a bootstrap CI.
+
+Numpy only (runs on devices).  Percentiles use numpy's default (linear
+interpolation between order statistics), so the numbers match what a user gets
+from ``numpy.percentile`` on the raw samples kept in the report.
+
+The SFConv-vs-vanilla ratio is a ratio of medians.  Its confidence interval
+comes from a bootstrap that resamples whole *rounds* of the paired run (one
+round = a block of A runs and the block of B runs next to it), so the
+resampling keeps what the alternation bought: runs close in time stay together,
+and slow drift (thermal throttling, a neighbour's job) moves A and B alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Summary", "RatioCI", "summarize", "ratio_of_medians", "pareto_front", "CV_WARNING"]
+
+CV_WARNING = 0.05  # trtexec / benchmark_model practice: above 5% the machine is too noisy to trust one number
+
+
+@dataclass
+class Summary:
+    """Order statistics and spread of one set of latencies (milliseconds)."""
+
+    n: int
+    min: float
+    mean: float
+    median: float
+    p90: float
+    p99: float
+    max: float
+    std: float
+    cv: float  # std / mean
+
+    @property
+    def noisy(self) -> bool:
+        """True when the coefficient of variation says the numbers are not stable."""
+        return self.cv > CV_WARNING
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(samples: Any) -> Summary:
+    """Summary of ``samples`` (any unit; sfedge passes milliseconds); sample std (ddof=1)."""
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("no samples to summarize")
+    mean = float(x.mean())
+    std = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    p50, p90, p99 = (float(v) for v in np.percentile(x, [50, 90, 99]))
+    return Summary(
+        n=int(x.size), min=float(x.min()), mean=mean, median=p50, p90=p90, p99=p99, max=float(x.max()),
+        std=std, cv=std / mean if mean > 0 else math.inf,
+    )
+
+
+@dataclass
+class RatioCI:
+    """median(candidate) / median(baseline) with a bootstrap confidence interval.
+
+    ``ratio`` < 1 means the candidate is faster; ``speedup`` is its inverse
+    (baseline / candidate), the number people quote ("SFConv is 2.1x faster").
+    """
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    resamples: int
+    blocks: int  # how many units were resampled (rounds when paired, samples otherwise)
+    paired: bool
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.ratio
+
+    @property
+    def speedup_low(self) -> float:
+        return 1.0 / self.high
+
+    @property
+    def speedup_high(self) -> float:
+        return 1.0 / self.low
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(speedup=self.speedup, speedup_low=self.speedup_low, speedup_high=self.speedup_high)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RatioCI:
+        return cls(**{k: d[k] for k in ("ratio", "low", "high", "confidence", "resamples", "blocks", "paired")})
+
+
+def ratio_of_medians(
+    candidate: Any,
+    baseline: Any,
+    *,
+    candidate_rounds: Any = None,
+    baseline_rounds: Any = None,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> RatioCI:
+    """Ratio of medians candidate/baseline and its percentile-bootstrap confidence interval.
+
+    With ``*_rounds`` (the round index of every sample from a paired run) the
+    bootstrap draws rounds with replacement and takes every A and B sample of
+    each drawn round, which keeps the pairing; without them it resamples A and
+    B independently (for two unpaired runs, where drift is not controlled).
+    """
+    a = np.asarray(candidate, dtype=np.float64).ravel()
+    b = np.asarray(baseline, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("both sides need samples")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), not {confidence}")
+    rng = np.random.default_rng(seed)
+    ratio = float(np.median(a) / np.median(b))
+    paired = candidate_rounds is not None and baseline_rounds is not None
+    if paired:
+        ra, rb = np.asarray(candidate_rounds).ravel(), np.asarray(baseline_rounds).ravel()
+        if ra.size != a.size or rb.size != b.size:
+            raise ValueError("one round index per sample is needed")
+        rounds = np.intersect1d(np.unique(ra), np.unique(rb))
+        if rounds.size < 2:
+            paired = False
+    if paired:
+        boot = _paired_bootstrap(a, ra, b, rb, rounds, resamples, rng)
+        blocks = int(rounds.size)
+    else:
+        ma = np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)
+        mb = np.median(b[rng.integers(0, b.size, size=(resamples, b.size))], axis=1)
+        boot = ma / mb
+        blocks = int(min(a.size, b.size))
+    tail = (1 - confidence) / 2
+    low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
+    return RatioCI(ratio, min(low, ratio), max(high, ratio), confidence, resamples, blocks, paired)
+
+
+def _paired_bootstrap(
+    a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, rounds: np.ndarray, resamples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Bootstrap ratios of medians drawing whole rounds; rounds may hold different sample counts."""
+    ga = [a[ra == r] for r in rounds]
+    gb = [b[rb == r] for r in rounds]
+    out = np.empty(resamples)
+    if len({g.size for g in ga}) == 1 and len({g.size for g in gb}) == 1:
+        # Equal block sizes (the usual case): fancy indexing, in chunks that bound memory on small devices.
+        A, B = np.stack(ga), np.stack(gb)
+        chunk = max(1, 2_000_000 // max(A.size, B.size))
+        for start in range(0, resamples, chunk):
+            n = min(chunk, resamples - start)
+            idx = rng.integers(0, rounds.size, size=(n, rounds.size))
+            out[start:start + n] = np.median(A[idx].reshape(n, -1), axis=1) / np.median(B[idx].reshape(n, -1), axis=1)
+        return out
+    for i in range(resamples):
+        idx = rng.integers(0, rounds.size, size=rounds.size)
+        out[i] = np.median(np.concatenate([ga[j] for j in idx])) / np.median(np.concatenate([gb[j] for j in idx]))
+    return out
+
+
+def pareto_front(points: Sequence[dict[str, Any]], quality: str, latency: str = "median_ms") -> list[dict[str, Any]]:
+    """Points no other point beats on both axes (lower latency and higher quality)."""
+    front = []
+    for p in points:
+        dominated = any(
+            q is not p and q[latency] <= p[latency] and q[quality] >= p[quality]
+            and (q[latency] < p[latency] or q[quality] > p[quality])
+            for q in points
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p[latency])

@@ -1,0 +1,224 @@
+"""TFLite backend: parity of every precision with torch (trained demo U-Nets, Factorizer), int8 I/O, layouts.
+
+Artifacts are built once per session (conversion takes seconds per model) by
+the ``built`` fixture and shared by the tests below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_quantizer")
+pytest.importorskip("ai_edge_litert")
+
+import torch  # noqa: E402
+
+from sfedge.backends import backend_module, runner_for  # noqa: E402
+from sfedge.backends.base import ModelSource, from_artifact_tensor, to_artifact_tensor  # noqa: E402
+from sfedge.backends.tflite import float_tflite, make, tflite_layout  # noqa: E402
+from sfedge.backends.tflite.ops import op_report  # noqa: E402
+from sfedge.backends.tflite.quantize import build_recipe, calibrate, write_quantized  # noqa: E402
+from sfedge.backends.tflite.runner import TFLiteRunner  # noqa: E402
+from sfedge.errors import ParityError  # noqa: E402
+from sfedge.parity import compare_outputs  # noqa: E402
+from sfedge.targets import load_target  # noqa: E402
+
+DEMOS = ["unet", "unet-sfconv"]
+
+
+@pytest.fixture(scope="session")
+def tflite_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tflite")
+
+
+@pytest.fixture(scope="session")
+def built(demo_sources, fundus_calibration, host_target, tflite_dir):
+    """build(model, precision) -> Artifact, each built at most once per session."""
+    cache: dict = {}
+
+    def build(name: str, precision: str):
+        if (name, precision) not in cache:
+            cache[name, precision] = make(demo_sources[name], host_target, precision, fundus_calibration, tflite_dir)
+        return cache[name, precision]
+
+    return build
+
+
+def _target(tmp_path: Path, name: str, body: str):
+    f = tmp_path / f"{name}.toml"
+    f.write_text(f'name = "{name}"\n{body}')
+    return load_target(f)
+
+
+def _perturbed_factorizer() -> torch.nn.Module:
+    """The Factorizer at its fixed 128x128 input with seeded noise on every parameter (non-trivial outputs)."""
+    from sfedge.models import create_model
+
+    model = create_model("factorizer").eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="session")
+def factorizer_source() -> ModelSource:
+    from sfedge.checkpoint import weights_sha256
+
+    model = _perturbed_factorizer()
+    return ModelSource(model, "factorizer", dict(model.sfedge_config), weights_sha256(model.state_dict()), (1, 3, 128, 128))
+
+
+@pytest.fixture(scope="session")
+def fundus_128():
+    from sfedge.calibration import load_calibration
+
+    return load_calibration("fundus-demo", (128, 128))
+
+
+def _independent_parity(artifact, source: ModelSource, calib) -> object:
+    """Parity measured again with a fresh runner from the registry (not the numbers make() stored)."""
+    with runner_for(artifact.path, threads=2) as runner:
+        return compare_outputs(source.reference(calib.holdout), runner.run(calib.holdout))
+
+
+@pytest.mark.parametrize("name", DEMOS)
+def test_fp32_matches_torch(built, demo_sources, fundus_calibration, host_target, name: str) -> None:
+    art = built(name, "fp32")
+    assert (art.backend, art.kind, art.precision) == ("tflite", "tflite", "fp32")
+    parity = _independent_parity(art, demo_sources[name], fundus_calibration)
+    assert parity.max_abs <= host_target.tolerance("fp32").max_abs
+    assert parity.reference_range > 1.0  # a trained model: errors are judged against a real output range
+    assert parity.dice_agreement > 0.999
+    assert art.parity["max_abs"] == pytest.approx(parity.max_abs, rel=1e-3, abs=1e-7)
+    assert art.inputs[0].layout == "NHWC" and art.inputs[0].shape == [1, 256, 256, 3]
+    assert art.outputs[0].shape == [1, 256, 256, 1]
+    assert Path(art.files[0]).name.endswith(".ops.json") and Path(art.files[0]).is_file()
+
+
+def test_factorizer_fp32_matches_torch_and_nmf_is_float(factorizer_source, fundus_128, host_target, tflite_dir) -> None:
+    art = make(factorizer_source, host_target, "fp32", fundus_128, tflite_dir)
+    parity = _independent_parity(art, factorizer_source, fundus_128)
+    assert parity.reference_range > 0.5
+    assert parity.max_abs <= host_target.tolerance("fp32").max_abs
+    assert art.inputs[0].shape == [1, 128, 128, 3]
+    # Every NMF layer is listed as float and the notes say quantization goes around them.
+    nmfs = [n for n, m in factorizer_source.model.named_modules() if type(m).__name__ == "NMF"]
+    assert sorted(art.float_layers) == sorted(nmfs)
+    assert any("NMF" in n for n in art.notes)
+    report = op_report(art.path)
+    assert report.transposes > 0 and not report.transpose_at_input and not report.transpose_at_output
+
+
+def test_factorizer_int8_keeps_nmf_float(factorizer_source, fundus_128, tmp_path, tflite_dir) -> None:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    loose = _target(tmp_path, "loose", 'backend = "tflite"\nprecisions = ["fp32", "int8"]\ninput_size = [128, 128]\n'
+                    "[tolerances.int8]\ncosine = 0.5\n")
+    art = make(factorizer_source, loose, "int8", fundus_128, tflite_dir, max_float_fraction=0.0)
+    interp = Interpreter(str(art.path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = interp.get_tensor_details()
+    nmf = [t for t in tensors if "sfedge.nn.nmf.NMF_" in t["name"]]
+    convs = [t for t in tensors if "Conv2d" in t["name"] and "NMF_" not in t["name"]]
+    assert nmf and all(np.dtype(t["dtype"]) == np.float32 for t in nmf)
+    assert any(np.dtype(t["dtype"]) == np.int8 for t in convs)  # the rest is quantized
+    assert art.inputs[0].dtype == "int8"
+    assert any("NMF" in n for n in art.notes)
+
+
+@pytest.mark.parametrize("name", DEMOS)
+def test_int8_meets_target_on_trained_demo(built, demo_sources, fundus_calibration, host_target, name: str) -> None:
+    art = built(name, "int8")
+    tol = host_target.tolerance("int8")
+    parity = _independent_parity(art, demo_sources[name], fundus_calibration)
+    assert not tol.failures(parity.as_dict()), parity
+    assert art.outputs[0].dtype == "int8" and art.outputs[0].scale is not None
+    report = op_report(art.path)
+    assert report.fully_delegated and not report.transpose_at_input and not report.transpose_at_output
+    assert art.meta["recipe"] and Path(art.path.with_suffix(".recipe.json")).is_file()
+    attempts = art.meta["quantize"]["attempts"]
+    assert attempts[0]["config"] == "all layers quantized"
+    if art.float_layers:  # mixed precision was needed: the notes say which layers and why
+        assert any(", ".join(art.float_layers) in n for n in art.notes)
+        assert art.meta["quantize"]["sensitivity"]
+
+
+def test_fp16_halves_the_file_and_matches(built, demo_sources, fundus_calibration, host_target) -> None:
+    fp32, fp16 = built("unet-sfconv", "fp32"), built("unet-sfconv", "fp16")
+    assert fp16.path.stat().st_size < 0.6 * fp32.path.stat().st_size
+    parity = _independent_parity(fp16, demo_sources["unet-sfconv"], fundus_calibration)
+    assert not host_target.tolerance("fp16").failures(parity.as_dict())
+    assert op_report(fp16.path).ops.get("DEQUANTIZE", 0) > 0  # fp16 constants, dequantized at load
+
+
+def test_int8_dynamic_builds_or_fails_loudly(demo_sources, fundus_calibration, host_target, tflite_dir) -> None:
+    try:
+        art = make(demo_sources["unet"], host_target, "int8-dynamic", fundus_calibration, tflite_dir)
+    except ParityError as e:
+        assert "int8-dynamic" in str(e)
+        return
+    assert art.inputs[0].dtype == "float32"
+    assert not host_target.tolerance("int8-dynamic").failures(art.parity)
+
+
+def test_int8_io_round_trips_through_scale_and_zero_point(demo_sources, fundus_calibration, tflite_dir) -> None:
+    """A full-integer file: the runner's specs carry the file's own scale / zero point and prepare/finish use them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    src = demo_sources["unet"]
+    fp32 = float_tflite(src, "NHWC", tflite_dir)
+    qsvs = calibrate(fp32, fundus_calibration.tflite_samples("args_0", "NHWC"), "serving_default", build_recipe("int8"))
+    path = write_quantized(fp32, tflite_dir / "full-int8.tflite", build_recipe("int8"), qsvs)
+    detail = Interpreter(str(path)).get_signature_runner().get_input_details()["args_0"]
+    scale, zero = detail["quantization_parameters"]["scales"][0], detail["quantization_parameters"]["zero_points"][0]
+    x = fundus_calibration.holdout[:2]
+    with TFLiteRunner(path, threads=2) as runner:
+        spec, out_spec = runner.inputs[0], runner.outputs[0]
+        assert (spec.dtype, spec.layout) == ("int8", "NHWC") and out_spec.dtype == "int8"
+        assert spec.scale == pytest.approx(float(scale)) and spec.zero_point == int(zero)
+        feed = runner.prepare(x[:1])[spec.name]
+        expect = np.clip(np.round(x[:1].transpose(0, 2, 3, 1) / scale) + zero, -128, 127).astype(np.int8)
+        np.testing.assert_array_equal(feed, expect)
+        # Inside the calibrated range, int8 -> float returns the input to within half a step.
+        back = from_artifact_tensor(to_artifact_tensor(x, spec), spec)
+        inside = (x > (-128 - zero) * scale) & (x < (127 - zero) * scale)
+        assert np.abs(back - x)[inside].max() <= scale / 2 + 1e-6
+        raw = runner.infer(runner.prepare(x[:1]))[out_spec.name]
+        assert raw.dtype == np.int8
+        deq = runner.finish({out_spec.name: raw})
+        np.testing.assert_allclose(deq, ((raw.astype(np.float32) - out_spec.zero_point) * out_spec.scale).transpose(0, 3, 1, 2))
+        out = runner.run(x)
+    parity = compare_outputs(src.reference(x), out)
+    assert parity.cosine > 0.99 and parity.dice_agreement > 0.9
+
+
+def test_layout_rule() -> None:
+    assert tflite_layout(load_target("host-cpu")) == "NHWC"  # NCHW is for its primary backend, ONNX Runtime
+    assert tflite_layout(load_target("android-arm64")) == "NHWC"
+
+
+def test_nchw_target_gets_nchw_io(tmp_path, demo_sources, fundus_calibration) -> None:
+    nchw = _target(tmp_path, "nchw-tflite", 'backend = "tflite"\nprecisions = ["fp32"]\nlayout = "NCHW"\ninput_size = [256, 256]\n')
+    assert tflite_layout(nchw) == "NCHW"
+    art = make(demo_sources["unet"], nchw, "fp32", fundus_calibration, tmp_path)
+    assert art.inputs[0].layout == "NCHW" and art.inputs[0].shape == [1, 3, 256, 256]
+    assert op_report(art.path).transpose_at_input  # the price of NCHW on TFLite, which the rule avoids by default
+
+
+def test_parity_failure_raises_one_line_and_leaves_no_artifact(tmp_path, demo_sources, fundus_calibration) -> None:
+    strict = _target(tmp_path, "strict", 'backend = "tflite"\nprecisions = ["int8"]\ninput_size = [256, 256]\n'
+                     "[tolerances.int8]\nmax_abs = 1e-6\n")
+    with pytest.raises(ParityError) as e:
+        make(demo_sources["unet"], strict, "int8", fundus_calibration, tmp_path / "out", max_float_fraction=0.0)
+    assert "int8" in str(e.value) and "max abs" in str(e.value) and "\n" not in str(e.value)
+    assert not list((tmp_path / "out").glob("*-int8.tflite")) and not list((tmp_path / "out").glob(".*.tflite"))
+
+
+def test_registry_exposes_backend() -> None:
+    mod = backend_module("tflite")
+    assert mod.RUNNER is TFLiteRunner and callable(mod.make)
