@@ -44,6 +44,17 @@ async def _feed_stdin(process: asyncssh.SSHServerProcess, proc: asyncio.subproce
             proc.stdin.close()
 
 
+class SFTPServerWithExitStatus(asyncssh.SFTPServer):
+    """asyncssh's SFTP server closes the channel without an exit status, which makes OpenSSH's scp (SFTP mode)
+    exit 1 after a complete transfer; OpenSSH's own sftp-server reports 0, as sent here."""
+
+    def exit(self) -> None:
+        try:
+            self.channel.exit(0)
+        except (OSError, asyncssh.Error):
+            pass
+
+
 def make_handler(home: str, env: dict[str, str]):
     async def handle(process: asyncssh.SSHServerProcess) -> None:
         if not process.command:
@@ -69,7 +80,7 @@ async def serve(args: argparse.Namespace) -> None:
         asyncssh.SSHServer, "127.0.0.1", 0,
         server_host_keys=[args.host_key], authorized_client_keys=args.client_pub,
         process_factory=make_handler(args.home, env), encoding=None,
-        sftp_factory=True, allow_scp=True,
+        sftp_factory=SFTPServerWithExitStatus, allow_scp=True,
     )
     port = server.sockets[0].getsockname()[1]
     tmp = args.port_file + ".part"

@@ -185,22 +185,35 @@ def test_fp16_keeps_float32_io_and_runs(sfconv_onnx, fundus_calibration, demo_so
     assert read_onnx_metadata(art.path)["precision"] == "fp16"
 
 
-def test_fp16_keeps_nmf_in_float32(tmp_path) -> None:
+def test_nmf_stays_float32_in_fp16_and_int8(tmp_path) -> None:
+    """The Factorizer's NMF (eps 1e-8, all-zero windows) is never fp16 and never int8."""
     from test_factorizer import _perturbed
 
     from sfedge.backends.base import ModelSource
-    from sfedge.quantize.qdq import measure_onnx_parity
+    from sfedge.calibration import load_calibration
 
     model = _perturbed("factorizer", widths=[16, 32], input_size=[32, 32])
     src = ModelSource(model, "factorizer", model.sfedge_config, "perturbed", (1, 3, 32, 32))
-    fp32 = export_onnx(src, tmp_path / "f.onnx")
+    calib = load_calibration("fundus-demo", (32, 32))
+    fp32 = export_onnx(src, tmp_path / "f.onnx", check_inputs=calib.holdout)
+    ref = src.reference(calib.holdout)
+
     art = to_fp16(fp32, tmp_path / "f16.onnx")
     assert art.float_layers and all("/nmf/" in n for n in art.float_layers)
     model16 = onnx.shape_inference.infer_shapes(onnx.load(str(art.path)))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model16.graph.value_info, *model16.graph.input]}
-    for node in model16.graph.node:
-        if node.name in art.float_layers and node.op_type in ("MatMul", "Div"):
-            assert all(types.get(i) == onnx.TensorProto.FLOAT for i in node.input if i in types), node.name
-    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-    p = measure_onnx_parity(art.path, x, src.reference(x))
-    assert np.isfinite(p.max_abs) and p.cosine > 0.999
+    nmf_nodes = [n for n in model16.graph.node if n.name in art.float_layers and n.op_type in ("MatMul", "Div", "Add")]
+    assert nmf_nodes
+    for node in nmf_nodes:
+        assert all(types.get(i) == onnx.TensorProto.FLOAT for i in node.input if i in types), node.name
+    p16 = measure_onnx_parity(art.path, calib.holdout, ref)
+    assert np.isfinite(p16.max_abs) and p16.cosine > 0.999
+
+    assert not any("/nmf/" in n for n in quantizable_layers(fp32.path))
+    q = quantize_qdq(fp32, calib, tmp_path / "int8.onnx", method="minmax", reference=ref)
+    graph = onnx.load(str(q.path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if "/nmf/" in node.name:
+            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input)
+    assert np.isfinite(q.parity["max_abs"]) and q.parity["cosine"] > 0.99

@@ -46,6 +46,7 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
                    help="profile on this SSH host instead (repeatable: hosts run in parallel)")
     r.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to ssh and scp as -o KEY=VALUE (e.g. Port=2222, IdentityFile=~/.ssh/pi)")
+    r.add_argument("--ssh-config", help="ssh_config file to use instead of ~/.ssh/config (ssh -F)")
     r.add_argument("--remote-python", default="python3", help="Python on the remote that has sfedge (default python3)")
     r.add_argument("--install", action="store_true",
                    help="if sfedge or the runtime is missing on a remote, copy this sfedge over as a wheel and "
@@ -120,8 +121,8 @@ def _run_remote(args: argparse.Namespace, config: Any, out: Path) -> int:
     from sfedge.profile.compare import compare_reports
     from sfedge.profile.remote import RemoteOptions, profile_remote
 
-    options = RemoteOptions(ssh_options=list(args.ssh_option), python=args.remote_python, install=args.install,
-                            keep=args.keep_remote)
+    options = RemoteOptions(ssh_options=list(args.ssh_option), ssh_config=args.ssh_config, python=args.remote_python,
+                            install=args.install, keep=args.keep_remote)
     with progress_bar("remote profile", enabled=not args.json) as progress:
         results = profile_remote(list(dict.fromkeys(args.remote)), args.bundles, args.pair, backend=args.backend,
                                  config=config, out=out, options=options, plots=not args.no_plots, progress=progress)

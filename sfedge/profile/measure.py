@@ -9,8 +9,11 @@ inferences lasting at least ``min_seconds``.
 shared or hot device: both configurations are loaded in their own worker, and
 the parent alternates blocks of inferences between them in the counterbalanced
 order A B B A A B ..., so slow drift (thermal throttling, another job) lands on
-both alike.  The ratio of medians gets a bootstrap CI that resamples whole
-rounds (see :mod:`sfedge.profile.stats`).
+both alike.  Blocks last about 50 ms (re-sized every round from the times seen
+so far) and a paired run has at least 20 rounds; the ratio of medians gets a
+bootstrap CI that resamples whole rounds (see :mod:`sfedge.profile.stats`).
+:func:`measure_group` does the same for more than two configurations (the
+rank sweep), reversing the rotation every round.
 
 Needs numpy and psutil only; the runtimes are imported in the workers.
 """
@@ -32,10 +35,10 @@ import sfedge
 from sfedge import errors
 from sfedge.errors import BundleError, ConfigError, SfedgeError
 from sfedge.profile.memory import memory_notes
-from sfedge.profile.stats import CV_WARNING, RatioCI, Summary, ratio_of_medians, summarize
+from sfedge.profile.stats import RatioCI, Summary, ratio_of_medians, summarize
 
 __all__ = [
-    "MeasureConfig", "Subject", "Measurement", "Pairing", "WorkerProcess", "measure", "measure_pair",
+    "MeasureConfig", "Subject", "Measurement", "Pairing", "WorkerProcess", "measure", "measure_pair", "measure_group",
     "subjects_from", "pair_up", "profile_subjects",
 ]
 
@@ -56,7 +59,7 @@ class MeasureConfig:
     block: int | None = None  # inferences per round in paired mode (None: about ROUND_SECONDS)
     confidence: float = 0.95
     resamples: int = 2000
-    sample_interval: float = 0.02  # RSS sampler period (s); ru_maxrss catches what it misses
+    sample_interval: float = 0.02  # RSS sampler period (s); the kernel high-water mark catches what it misses
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -257,11 +260,33 @@ def measure_pair(
     candidate: Subject, baseline: Subject, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None,
 ) -> tuple[Measurement, Measurement, Pairing]:
     """Measure two configurations alternately (A B B A ...) and compare their medians with a bootstrap CI."""
-    a, b = _run([candidate, baseline], config, progress)
-    ci = ratio_of_medians(a.samples_ms, b.samples_ms, candidate_rounds=a.rounds, baseline_rounds=b.rounds,
-                          confidence=config.confidence, resamples=config.resamples, seed=config.seed)
-    block = max(1, round(len(a.samples_ms) / max(1, len(set(a.rounds)))))
-    return a, b, Pairing(a.label, b.label, ci, block, len(set(a.rounds)))
+    (a, b), [pairing] = measure_group([candidate, baseline], 1, config, progress)
+    return a, b, pairing
+
+
+def measure_group(
+    subjects: Sequence[Subject], baseline: int, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None,
+) -> tuple[list[Measurement], list[Pairing]]:
+    """Measure several configurations in rotation (A B C C B A ...), each compared with ``subjects[baseline]``.
+
+    One round runs a block on every worker; all configurations therefore see
+    the same drift, and every ratio to the baseline is paired (used by the
+    rank sweep, where each s is compared with the vanilla model).
+    """
+    if len(subjects) < 2:
+        raise ConfigError("a paired comparison needs at least two configurations", "give --pair BUNDLE")
+    measurements = _run(subjects, config, progress)
+    base = measurements[baseline]
+    pairings = []
+    for i, m in enumerate(measurements):
+        if i == baseline:
+            continue
+        ci = ratio_of_medians(m.samples_ms, base.samples_ms, candidate_rounds=m.rounds, baseline_rounds=base.rounds,
+                              confidence=config.confidence, resamples=config.resamples, seed=config.seed)
+        n_rounds = len(set(m.rounds))
+        order = "ABBA" if len(subjects) == 2 else "rotating, reversed every round"
+        pairings.append(Pairing(m.label, base.label, ci, round(len(m.samples_ms) / max(1, n_rounds)), n_rounds, order))
+    return measurements, pairings
 
 
 def _run(subjects: Sequence[Subject], config: MeasureConfig, progress: Progress | None) -> list[Measurement]:
@@ -280,12 +305,16 @@ def _run(subjects: Sequence[Subject], config: MeasureConfig, progress: Progress 
             say(f"warming up {w.subject.label}", 0.0)
             reply = w.request("warmup", runs=config.warmup_runs, seconds=config.warmup_seconds)
             warm.append([ns / 1e6 for ns in reply["samples_ns"]])
-        block = config.block or _block_size(max(_median(ms) for ms in warm) / 1e3, config, len(workers))
+        paired = len(workers) > 1
         samples: list[list[float]] = [[] for _ in workers]
         rounds: list[list[int]] = [[] for _ in workers]
         starts: list[list[int]] = [[] for _ in workers]
         r = 0
-        while not all(len(s) >= config.runs and sum(s) / 1e3 >= config.min_seconds for s in samples):
+        while not (all(len(s) >= config.runs and sum(s) / 1e3 >= config.min_seconds for s in samples)
+                   and (not paired or r >= MIN_ROUNDS)):
+            # Re-sized every round from what the run has seen so far (warm-up times can mislead).
+            seen = samples if samples[0] else warm
+            block = config.block or _block_size(max(_median(ms) for ms in seen) / 1e3, config, paired)
             order = range(len(workers)) if r % 2 == 0 else reversed(range(len(workers)))
             for i in order:
                 reply = workers[i].request("run", count=block)
@@ -314,17 +343,17 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _block_size(seconds_per_run: float, config: MeasureConfig, n_workers: int) -> int:
-    """Inferences per round: about ROUND_SECONDS (0.2 s when single), but at least MIN_ROUNDS rounds when paired.
+def _block_size(seconds_per_run: float, config: MeasureConfig, paired: bool) -> int:
+    """Inferences per round: about ROUND_SECONDS when paired (0.2 s chunks when single), in at least MIN_ROUNDS rounds.
 
-    Rounds must be short so drift is shared between A and B, and many because
-    the bootstrap resamples rounds; but not a handful of inferences each, or
-    switching processes (cold caches, IPC) would weigh on fast models.
+    Paired rounds must be short, so drift is shared between A and B, and
+    many, because the bootstrap resamples rounds; but not single inferences
+    for fast models, where switching processes (cold caches, IPC) would weigh.
     """
     per_run = max(seconds_per_run, 1e-6)
+    if not paired:
+        return max(1, round(0.2 / per_run))
     expected = max(config.runs, math.ceil(config.min_seconds / per_run))
-    if n_workers == 1:
-        return max(1, min(expected, round(0.2 / per_run)))
     return max(1, min(round(ROUND_SECONDS / per_run), expected // MIN_ROUNDS))
 
 
@@ -341,10 +370,6 @@ def _measurement(subject: Subject, config: MeasureConfig, loaded: dict, warm: li
         samples_ms=samples, rounds=rounds, memory=mem, versions=loaded.get("versions", {}), inputs=loaded["inputs"],
         feed=loaded["feed"], meta=dict(subject.meta),
     )
-    s = m.summary
-    if s.noisy:
-        m.notes.append(f"{m.label}: coefficient of variation {s.cv:.1%} > {CV_WARNING:.0%}: the machine is noisy "
-                       "or throttling; close other work, fix the clock governor, or compare only paired ratios")
     m.notes.extend(memory_notes(subject.backend, runtime))
     return m
 
@@ -369,7 +394,7 @@ def subjects_from(path: str | Path, backend: str | None = None) -> list[Subject]
     if not artifacts:
         bundle.artifact()  # raises the bundle's own "no runnable artifact" error
     model = bundle.manifest["model"]
-    s = model.get("s") if model.get("conv") == "sfconv" or model.get("s") is not None else None
+    s = model.get("s") if model.get("conv") == "sfconv" else None  # dense configs may carry an unused s
     name = f"{bundle.model_name}(s={s:g})" if isinstance(s, (int, float)) else bundle.model_name
     ref = (bundle.manifest.get("reference") or {}).get("inputs")
     meta = {"bundle": str(p), "target": bundle.target_name, "family": model.get("family"), "conv": model.get("conv"),

@@ -2,8 +2,9 @@
 
 Two peaks, because each misses something: a sampling thread sees the steady
 state (between ``start`` and ``stop``) but can miss a spike shorter than its
-interval; ``ru_maxrss`` never misses a spike but covers the whole process
-life, load included.  Runs in the profiling worker; needs psutil (part of the
+interval; the kernel's high-water mark (``VmHWM`` on Linux, ``ru_maxrss``
+elsewhere) never misses a spike but covers the whole process life, load
+included.  Runs in the profiling worker; needs psutil (part of the
 runtime-only install) and the standard library.
 """
 
@@ -24,10 +25,22 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def max_rss_bytes() -> int:
-    """Peak RSS over this process's life (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+def max_rss_bytes() -> tuple[int, str]:
+    """Peak RSS over this process's life, and where the figure comes from.
+
+    On Linux this is ``VmHWM`` from /proc/self/status: ``ru_maxrss`` there
+    keeps the *parent's* peak across fork+exec (the kernel carries it over in
+    the signal struct), so a worker started from a 1 GB process would report
+    1 GB.  Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "VmHWM"
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return int(peak if sys.platform == "darwin" else peak * 1024), "ru_maxrss"
 
 
 class RssSampler:

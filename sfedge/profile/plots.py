@@ -85,8 +85,10 @@ def _speedup(plt: Any, report: Report, path: Path) -> None:
     ax.barh(y, vals, xerr=err, color=["tab:green" if v >= 1 else "tab:red" for v in vals], alpha=0.8, capsize=4)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(y, [f"{r['candidate']}\nvs {r['baseline']}" for r in rows], fontsize=7)
-    for yi, v in zip(y, vals):
-        ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
+    for yi, r in zip(y, rows):
+        ax.text(r["speedup_high"], yi + 0.25, f" {r['speedup']:.2f}x [{r['speedup_low']:.2f}, {r['speedup_high']:.2f}]",
+                va="center", fontsize=8)
+    ax.set_xlim(0, max(r["speedup_high"] for r in rows) * 1.3)
     ax.set_xlabel(f"speedup = median(baseline) / median(candidate), {rows[0]['confidence']:.0%} bootstrap CI")
     ax.set_title(f"{report.device}: paired speedup", fontsize=10)
     fig.tight_layout()
@@ -106,7 +108,7 @@ def _memory(plt: Any, report: Report, path: Path) -> None:
     ax.set_yticks(range(len(ms)), [m.label for m in ms], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{report.device}: memory (worker process)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

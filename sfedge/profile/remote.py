@@ -80,6 +80,7 @@ class RemoteOptions:
     """How to reach and use the remote hosts."""
 
     ssh_options: list[str] = field(default_factory=list)  # KEY=VALUE, passed as -o KEY=VALUE to ssh and scp
+    ssh_config: str | None = None  # an ssh_config file instead of ~/.ssh/config (-F)
     python: str = "python3"
     install: bool = False
     keep: bool = False
@@ -87,12 +88,13 @@ class RemoteOptions:
     connect_timeout: int = 15
 
     def ssh_args(self) -> list[str]:
-        args = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", "-o", "LogLevel=ERROR"]
+        """Arguments shared by ssh and scp; the user's options come first because ssh keeps the first value."""
+        args = ["-F", str(self.ssh_config)] if self.ssh_config else []
         for opt in self.ssh_options:
             if "=" not in opt:
                 raise RemoteError(f"--ssh-option {opt!r} is not KEY=VALUE", "e.g. --ssh-option Port=2222")
             args += ["-o", opt]
-        return args
+        return args + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", "-o", "LogLevel=ERROR"]
 
 
 @dataclass

@@ -56,6 +56,11 @@ class Report:
         """A report stamped with this host's facts and the time now; notes gathered from the measurements."""
         host = host_info()
         gathered = list(notes or [])
+        noisy = [f"{m.label} ({m.summary.cv:.0%})" for m in measurements if m.summary.noisy]
+        if noisy:
+            gathered.append(f"coefficient of variation above {CV_WARNING:.0%} for {', '.join(noisy)}: the machine is "
+                            "noisy or throttling; close other work or fix the clock governor, and trust the paired "
+                            "ratios (their CIs account for it) over single medians")
         for m in measurements:
             for n in m.notes:
                 if n not in gathered:
@@ -135,7 +140,7 @@ class Report:
         lines += ["", "## Memory", ""]
         lines += markdown_table(
             ["configuration", "artifact", "RSS before load", "after load", "after 1st run", "peak (sampled)",
-             "peak (ru_maxrss)", "runtime-reported"],
+             "peak (kernel high-water)", "runtime-reported"],
             [[m.label, fmt_bytes(m.artifact_bytes), fmt_bytes(m.memory.get("rss_before_load")),
               fmt_bytes(m.memory.get("rss_after_load")), fmt_bytes(m.memory.get("rss_after_first")),
               fmt_bytes(m.memory.get("peak_rss_steady")), fmt_bytes(m.memory.get("peak_rss_lifetime")),
@@ -152,21 +157,17 @@ class Report:
         out = []
         if self.pairings:
             out.append(table(
-                f"{self.device}: paired (A B B A ...), ratio of medians with {_ci_pct(self)} bootstrap CI",
-                ["candidate (A)", "baseline (B)", "median A ms", "median B ms", "speedup B/A", "CI", "rounds"],
+                f"{self.device}: paired runs (A B B A ...), speedup = median B / median A, {_ci_pct(self)} bootstrap CI",
+                ["candidate (A)", "baseline (B)", "median A ms", "median B ms", "speedup [CI]", "rounds"],
                 [[r["candidate"], r["baseline"], r["median_candidate_ms"], r["median_baseline_ms"],
-                  f"{r['speedup']:.3f}x", f"[{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
+                  f"{r['speedup']:.3f}x [{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
                  for r in pair_rows(self)]))
-        rows = summary_rows(self)
         out.append(table(
-            f"{self.device}: latency (ms)",
-            ["configuration", "n", "min", "median", "p90", "p99", "CV", "load ms", "1st ms", "RSS load", "RSS peak",
-             "size"],
-            [[r["label"], r["n"], r["min_ms"], r["median_ms"], r["p90_ms"], r["p99_ms"],
-              f"{r['cv']:.1%}" + (" !" if r["cv"] > CV_WARNING else ""), r["load_ms"], r["first_ms"],
-              fmt_bytes(r["rss_after_load"] - r["rss_before_load"]), fmt_bytes(r["peak_rss_steady"]),
-              fmt_bytes(r["artifact_bytes"])] for r in rows],
-            caption="RSS load = growth while loading; RSS peak = sampled steady-state peak of the worker process",
+            f"{self.device}: latency (ms) and memory",
+            ["configuration", "median", "p90", "p99", "CV", "load", "1st run", "peak RSS", "file"],
+            [[r["label"], r["median_ms"], r["p90_ms"], r["p99_ms"], f"{r['cv']:.1%}", r["load_ms"], r["first_ms"],
+              fmt_bytes(r["peak_rss_steady"]), fmt_bytes(r["artifact_bytes"])] for r in summary_rows(self)],
+            caption="peak RSS: sampled steady-state peak of the configuration's own worker process",
         ))
         return out
 

@@ -153,22 +153,31 @@ def _paired_bootstrap(
     a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, rounds: np.ndarray, resamples: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Bootstrap ratios of medians drawing whole rounds; rounds may hold different sample counts."""
-    ga = [a[ra == r] for r in rounds]
-    gb = [b[rb == r] for r in rounds]
-    out = np.empty(resamples)
-    if len({g.size for g in ga}) == 1 and len({g.size for g in gb}) == 1:
-        # Equal block sizes (the usual case): fancy indexing, in chunks that bound memory on small devices.
-        A, B = np.stack(ga), np.stack(gb)
-        chunk = max(1, 2_000_000 // max(A.size, B.size))
-        for start in range(0, resamples, chunk):
-            n = min(chunk, resamples - start)
-            idx = rng.integers(0, rounds.size, size=(n, rounds.size))
-            out[start:start + n] = np.median(A[idx].reshape(n, -1), axis=1) / np.median(B[idx].reshape(n, -1), axis=1)
-        return out
-    for i in range(resamples):
-        idx = rng.integers(0, rounds.size, size=rounds.size)
-        out[i] = np.median(np.concatenate([ga[j] for j in idx])) / np.median(np.concatenate([gb[j] for j in idx]))
+    """Bootstrap ratios of medians drawing whole rounds (rounds may hold different sample counts)."""
+    counts = rng.multinomial(rounds.size, np.full(rounds.size, 1.0 / rounds.size), size=resamples)
+    ka, kb = np.isin(ra, rounds), np.isin(rb, rounds)  # a round only one side finished cannot be drawn
+    return _weighted_medians(a[ka], ra[ka], rounds, counts) / _weighted_medians(b[kb], rb[kb], rounds, counts)
+
+
+def _weighted_medians(x: np.ndarray, rx: np.ndarray, rounds: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """np.median of the multiset "round j's samples, counts[i, j] times" for every row i, without building it.
+
+    Sort the samples once; a resample gives each sample the weight of its
+    round, and the median's middle elements are where the cumulative weight
+    passes (T-1)//2 and T//2 (numpy averages the two for an even total).
+    """
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    col = np.searchsorted(rounds, rx[order])
+    out = np.empty(counts.shape[0])
+    chunk = max(1, 4_000_000 // max(1, xs.size))  # bound memory on small devices
+    for start in range(0, counts.shape[0], chunk):
+        w = counts[start:start + chunk][:, col]
+        cum = np.cumsum(w, axis=1)
+        total = cum[:, -1]
+        lo = np.argmax(cum > ((total - 1) // 2)[:, None], axis=1)
+        hi = np.argmax(cum > (total // 2)[:, None], axis=1)
+        out[start:start + chunk] = (xs[lo] + xs[hi]) / 2
     return out
 
 

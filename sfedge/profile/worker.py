@@ -3,7 +3,7 @@
 ``python -m sfedge.profile.worker`` reads one JSON request per line on stdin
 and answers with one JSON line.  Each worker loads its runner once, so its
 memory figures are its own (a second model in the same process would share
-the allocator, the runtime's arenas and ``ru_maxrss``), and the parent can
+the allocator, the runtime's arenas and the kernel's peak-RSS mark), and the parent can
 alternate timing between two workers (SFConv, vanilla, SFConv, ...) without
 reloading anything.
 
@@ -148,9 +148,10 @@ class Worker:
     def memory(self) -> dict[str, Any]:
         """RSS now, the sampled steady-state peak, the lifetime peak, and what the runtime reports."""
         peak = self.sampler.stop() if self.sampler else rss_bytes()
+        lifetime, source = max_rss_bytes()
         result: dict[str, Any] = {
-            "rss_now": rss_bytes(), "peak_rss_steady": peak, "peak_rss_lifetime": max_rss_bytes(),
-            "rss_samples": self.sampler.samples if self.sampler else 0,
+            "rss_now": rss_bytes(), "peak_rss_steady": peak, "peak_rss_lifetime": lifetime,
+            "peak_rss_lifetime_source": source, "rss_samples": self.sampler.samples if self.sampler else 0,
         }
         # Asked last: a runner may import or read things to answer, which must not count above.
         try:

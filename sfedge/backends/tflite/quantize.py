@@ -14,8 +14,10 @@ transposed convs (TOOLCHAIN.md); the quantizer works on any .tflite.
   quantizer puts DEQUANTIZE / QUANTIZE around them.  The Factorizer's NMF
   layers always stay float (:data:`NMF_SCOPE`): its iterations divide by
   ``eps``-guarded sums that int8 (or fp16) cannot represent.
-* :func:`quantize_tflite` adds float layers one at a time until the held-out
-  parity meets the tolerance: layers are ranked by a sensitivity pass
+* :func:`quantize_tflite`, when all-int8 misses the tolerance, first tries
+  the layer(s) reading the model input float (with a float input: one cheap
+  attempt, see below), then adds float layers one at a time until the
+  held-out parity meets the tolerance: layers are ranked by a sensitivity pass
   (:func:`layer_sensitivity`: each quantizable layer quantized *alone*, its
   error measured on a few *calibration* samples, so the held-out split only
   gates).  If that is not enough, int16 activations (``static_wi8_ai16``)
@@ -25,8 +27,8 @@ transposed convs (TOOLCHAIN.md); the quantizer works on any .tflite.
 Measured on the demo U-Nets: most of the int8 error is the per-tensor int8
 quantization of the *normalized input image* (its channels span different
 ranges, so the red channel loses about a bit); keeping the first conv and
-the model input float removes it at almost no latency cost, and the ranking
-finds that layer first.
+the model input float removes it at almost no latency cost (the sensitivity
+ranking puts that layer first by a factor of 3 in mean error).
 
 A "layer" is one TFLite op with weights (conv, transposed conv, fully
 connected, matmul); its name is the torch module path recovered from the
@@ -40,17 +42,18 @@ import contextlib
 import io
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sfedge.backends.tflite.ops import read_ops
 from sfedge.errors import CalibrationError, ConfigError
 from sfedge.fileio import atomic_path
+from sfedge.quantize.sensitivity import LayerSensitivity, layer_role
 
 __all__ = [
-    "NMF_SCOPE", "QUANTIZABLE_OPS", "Layer", "LayerSensitivity", "QuantizeResult", "quantizable_layers",
+    "NMF_SCOPE", "QUANTIZABLE_OPS", "Layer", "QuantizeResult", "quantizable_layers",
     "torch_layer_name", "module_call_order", "LayerNamer", "scope_layers", "build_recipe", "calibrate", "write_quantized", "layer_sensitivity", "quantize_tflite",
 ]
 
@@ -77,20 +80,6 @@ class Layer:
     name: str
     op: str
     regexes: tuple[str, ...]
-
-
-@dataclass
-class LayerSensitivity:
-    """Parity of the quantized model with one layer kept float (higher agreement: more sensitive layer)."""
-
-    layer: str
-    op: str
-    dice_agreement: float
-    mean_abs: float
-    max_abs: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -131,6 +120,15 @@ def _module_path(component: str, stop_class: str | None = None) -> tuple[str, st
     return ".".join(attrs), leaf
 
 
+def _partial(tensor_name: str, stop_class: str | None = None) -> tuple[str, str]:
+    parts = [p.split(";")[0] for p in tensor_name.split(";;")]
+    parsed = [_module_path(p, stop_class) for p in parts if p]
+    if not parsed:
+        return tensor_name, ""
+    name, leaf = next(((n, leaf) for n, leaf in parsed if leaf in _LEAF_CLASSES), parsed[-1])
+    return (name or tensor_name), leaf
+
+
 def torch_layer_name(tensor_name: str, stop_class: str | None = None) -> str:
     """The module path (``inc.3.conv_b``) in an op's output tensor name (fused ops: the conv / linear among them).
 
@@ -139,20 +137,16 @@ def torch_layer_name(tensor_name: str, stop_class: str | None = None) -> str:
     ``encoder.0`` and ``decoder.0`` both read ``0``.  :class:`LayerNamer`
     completes such names from the torch model's call order.
     """
-    parts = [p.split(";")[0] for p in tensor_name.split(";;")]
-    parsed = [_module_path(p, stop_class) for p in parts if p]
-    if not parsed:
-        return tensor_name
-    name = next((n for n, leaf in parsed if leaf in _LEAF_CLASSES), parsed[-1][0])
-    return name or tensor_name
+    return _partial(tensor_name, stop_class)[0]
 
 
-def module_call_order(model: Any, input_shape: Sequence[int]) -> list[str]:
-    """Names of ``model``'s submodules in the order one forward pass calls them (repeats included)."""
+def module_call_order(model: Any, input_shape: Sequence[int]) -> list[tuple[str, str]]:
+    """(name, class name) of ``model``'s submodules in the order one forward pass calls them (repeats kept)."""
     import torch
 
-    order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in model.named_modules() if n]
+    order: list[tuple[str, str]] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append((n, type(_m).__name__)))
+             for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
             model(torch.zeros(tuple(input_shape)))
@@ -165,26 +159,59 @@ def module_call_order(model: Any, input_shape: Sequence[int]) -> list[str]:
 class LayerNamer:
     """Full torch module paths for ops, from their tensor names and the model's call order.
 
-    The j-th run of consecutive ops whose tensor names give the same partial
-    path belongs to the j-th call of a module whose full path ends with it.
-    Without a call order, the partial path is kept.
+    A partial path reached by one module of the right class is that module.
+    When several share it, the j-th run of consecutive ops with that path is
+    the j-th call, provided there are as many runs as calls; otherwise (the
+    converter interleaves or merges ops of identical constant subgraphs) the
+    candidates are joined with ``|``.  Without a call order the partial path
+    is kept.
     """
 
-    def __init__(self, call_order: Sequence[str] | None = None) -> None:
-        self.call_order = list(call_order or [])
+    def __init__(self, calls: Sequence[tuple[str, str]] = ()) -> None:
+        self.calls = list(calls)
+
+    @property
+    def call_order(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+    def candidates(self, partial: str, leaf: str = "") -> list[str]:
+        """Modules (in call order, repeats kept) that ``partial`` can stand for.
+
+        The path must end with ``partial``, every module on the part of the
+        path it lacks must be one never called (a ModuleList: called modules
+        appear in tensor names), and the class must be ``leaf`` when known.
+        """
+        called = {n for n, _ in self.calls}
+
+        def fits(name: str, cls: str) -> bool:
+            if name != partial and not name.endswith("." + partial):
+                return False
+            prefix = name[: len(name) - len(partial)].rstrip(".").split(".") if name != partial else []
+            if any(".".join(prefix[: i + 1]) in called for i in range(len(prefix))):
+                return False
+            return not leaf or leaf not in _LEAF_CLASSES or cls == leaf
+
+        return [n for n, cls in self.calls if fits(n, cls)]
 
     def names(self, tensor_names: Sequence[str], stop_class: str | None = None) -> list[str]:
-        """One resolved name per op (``tensor_names``: each op's first output, in graph order)."""
-        partial = [torch_layer_name(t, stop_class) for t in tensor_names]
-        runs: dict[str, int] = {}
-        out, prev = [], None
+        """One name per op (``tensor_names``: each op's first output tensor, in graph order)."""
+        partial = [_partial(t, stop_class) for t in tensor_names]
+        run_index, prev = [], None
+        runs: dict[tuple[str, str], int] = {}
         for p in partial:
             if p != prev:
                 runs[p] = runs.get(p, -1) + 1
+            run_index.append(runs[p])
             prev = p
-            calls = [c for c in self.call_order if c == p or c.endswith("." + p)]
-            # A module called once per run of ops; a name reached by several modules is told apart by run index.
-            out.append(calls[runs[p]] if runs[p] < len(calls) else (calls[0] if len(set(calls)) == 1 else p))
+        out = []
+        for p, j in zip(partial, run_index):
+            calls = self.candidates(*p)
+            if len(set(calls)) <= 1:
+                out.append(calls[0] if calls else p[0])
+            elif runs[p] + 1 == len(calls):
+                out.append(calls[j])
+            else:
+                out.append("|".join(dict.fromkeys(calls)))
         return out
 
 
@@ -217,11 +244,15 @@ def quantizable_layers(float_path: str | os.PathLike[str], namer: LayerNamer | N
 
 def scope_layers(float_path: str | os.PathLike[str], regex: str, namer: LayerNamer | None = None,
                  stop_class: str | None = None) -> list[str]:
-    """Torch-style names (deduplicated, in order) of the modules whose ops' scopes match ``regex``."""
+    """Every module (deduplicated, in call order when known) owning an op whose scope matches ``regex``."""
     graphs, _ = read_ops(float_path)
-    tensors = [op.outputs[0] for op in (graphs[0] if graphs else [])
-               if op.outputs and re.search(regex, ";".join(op.outputs) + ";")]
-    return list(dict.fromkeys((namer or LayerNamer()).names(tensors, stop_class)))
+    namer = namer or LayerNamer()
+    partial = dict.fromkeys(_partial(op.outputs[0], stop_class) for op in (graphs[0] if graphs else [])
+                            if op.outputs and re.search(regex, ";".join(op.outputs) + ";"))
+    found = {c for p in partial for c in namer.candidates(p[0])}
+    if not namer.calls:
+        return [p[0] for p in partial]
+    return [c for c in dict.fromkeys(namer.call_order) if c in found]
 
 
 def build_recipe(precision: str, keep_float: Sequence[str] = (), activation_bits: int = 8) -> list[dict[str, Any]]:
@@ -293,13 +324,20 @@ def _only(regexes: Sequence[str], precision: str) -> list[dict[str, Any]]:
     return rm.get_quantization_recipe()
 
 
-def layer_sensitivity(float_path: Path, layers: Sequence[Layer], precision: str, qsvs: dict[str, Any] | None,
-                      score: Score, workdir: Path, *, progress: Progress | None = None) -> list[LayerSensitivity]:
-    """Quantize one layer at a time (the rest float) and measure its error on the calibration split; worst first.
+# TFLite op -> the ONNX op type the shared sensitivity report uses (one vocabulary for both backends).
+_ONNX_OP = {"TRANSPOSE_CONV": "ConvTranspose", "FULLY_CONNECTED": "Gemm", "BATCH_MATMUL": "MatMul"}
 
-    One layer alone isolates its own quantization error; the opposite probe
-    (one layer float in an int8 model) buries a single layer's share under
-    the error of all the others and ranks by noise.
+
+def layer_sensitivity(float_path: Path, layers: Sequence[Layer], precision: str, qsvs: dict[str, Any] | None,
+                      score: Score, workdir: Path, *, progress: Progress | None = None
+                      ) -> list[tuple[Layer, LayerSensitivity]]:
+    """Quantize one layer at a time (the rest float), measure the output error on a few calibration samples.
+
+    Returns (layer, sensitivity) pairs, most sensitive (largest mean error)
+    first.  One layer alone isolates its own quantization error; the
+    opposite probe (one layer float in an int8 model) buries a single
+    layer's share under the error of all the others and ranks by noise.
+    The report type is the ONNX side's (:mod:`sfedge.quantize.sensitivity`).
     """
     out = []
     probe = workdir / f".{float_path.stem}.probe.tflite"
@@ -308,11 +346,24 @@ def layer_sensitivity(float_path: Path, layers: Sequence[Layer], precision: str,
             if progress:
                 progress(f"sensitivity: {layer.name} alone in {precision}", i / max(1, len(layers)))
             p = score(write_quantized(float_path, probe, _only(layer.regexes, precision), qsvs), "probe")
-            out.append(LayerSensitivity(layer.name, layer.op, p.dice_agreement, p.mean_abs, p.max_abs))
+            op_type = _ONNX_OP.get(layer.op, "Conv")
+            role = layer_role("/" + layer.name.replace(".", "/") + "/", op_type)
+            out.append((layer, LayerSensitivity(layer.name, layer.op, role, p.max_abs, p.mean_abs, p.cosine,
+                                                p.dice_agreement, p.samples)))
     finally:
         probe.unlink(missing_ok=True)
-    out.sort(key=lambda s: (-s.mean_abs, s.dice_agreement))
+    out.sort(key=lambda pair: -pair[1].score)
     return out
+
+
+def _mixed(result: QuantizeResult, chosen: Sequence[Layer], layers: Sequence[Layer], precision: str) -> QuantizeResult:
+    result.float_layers = [c.name for c in chosen]
+    result.notes.append(f"kept {len(chosen)} of {len(layers)} quantizable layers float to meet the "
+                        f"{precision} tolerance: {', '.join(result.float_layers)}")
+    if any(len(c.regexes) > 1 for c in chosen):
+        result.notes.append("the first layer is float, so the model input is float32 (quantized inside the "
+                            "graph after it); the output stays int8")
+    return result
 
 
 def quantize_tflite(
@@ -361,24 +412,23 @@ def quantize_tflite(
 
     layers = quantizable_layers(float_path, namer, exclude=keep_float)
     budget = int(max_float_fraction * len(layers))
-    if budget:
-        result.sensitivity = layer_sensitivity(float_path, layers, precision, qsvs, score, workdir, progress=progress)
-    by_name = {layer.name: layer for layer in layers}
+    # Cheap first try: the layers reading the model input, with the input, float (see the module doc).
+    first = [layer for layer in layers if len(layer.regexes) > 1]
+    if first and len(first) <= budget:
+        parity = attempt([rx for c in first for rx in c.regexes], activation_bits or 8, "input layer(s) float")
+        if not tolerance.failures(parity.as_dict()):
+            return _mixed(result, first, layers, precision)
+    ranked = layer_sensitivity(float_path, layers, precision, qsvs, score, workdir, progress=progress) if budget else []
+    result.sensitivity = [s for _, s in ranked]
     chosen: list[Layer] = []
-    for s in result.sensitivity[:budget]:
-        chosen.append(by_name[s.layer])
+    for layer, _ in ranked[:budget]:
+        chosen.append(layer)
         if progress:
             progress(f"mixed precision: {len(chosen)} layer(s) float", len(chosen) / budget)
         parity = attempt([rx for c in chosen for rx in c.regexes], activation_bits or 8,
                          f"{len(chosen)} most sensitive layer(s) float")
         if not tolerance.failures(parity.as_dict()):
-            result.float_layers = [c.name for c in chosen]
-            result.notes.append(f"kept {len(chosen)} of {len(layers)} quantizable layers float to meet the "
-                                f"{precision} tolerance: {', '.join(result.float_layers)}")
-            if any(len(c.regexes) > 1 for c in chosen):
-                result.notes.append("the first layer is float, so the model input is float32 (quantized inside "
-                                    "the graph after it); the output stays int8")
-            return result
+            return _mixed(result, chosen, layers, precision)
 
     if precision == "int8" and allow_int16:
         if progress:

@@ -1,0 +1,340 @@
+"""Rank sweep: factorize a vanilla model at several s, build, check and profile each; find the Pareto front.
+
+MAC counts say s=0.125 is 3x cheaper than s=0.5; the device may disagree
+(two thin convolutions can be slower than one dense one, some kernels have
+fixed costs).  The sweep measures instead: every s becomes an SFConv
+checkpoint by truncated SVD (:func:`sfedge.build.factorize_checkpoint`), a
+bundle for the target (each artifact parity-checked against its own torch
+model by the build), and a configuration in *one* rotating measurement with
+the vanilla bundle, so every latency ratio to vanilla is paired.
+
+Quality is judged two ways: the artifact's agreement with the *vanilla*
+model on the held-out inputs (what factorizing plus converting cost; Dice of
+the thresholded masks, max abs, cosine), and, where labels exist (the fundus
+demo's pseudo-labels), the held-out Dice of the factorized torch model.  The
+Pareto front is the set of points no other point beats on both latency and
+quality.
+
+Workstation side (torch, converters); the measurement itself runs in the
+profiler's worker processes like any ``sfedge profile``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sfedge.errors import ConfigError, SfedgeError
+from sfedge.fileio import atomic_dir, write_json
+from sfedge.profile.measure import MeasureConfig, Measurement, measure_group, subjects_from
+from sfedge.profile.report import Report, markdown_table, write_csv
+from sfedge.profile.stats import pareto_front
+
+__all__ = ["SweepPoint", "SweepResult", "sweep", "parse_s_values"]
+
+Progress = Callable[[str, "float | None"], None]
+
+
+@dataclass
+class SweepPoint:
+    """One rank (or the vanilla model): its bundle, quality and measured latency."""
+
+    name: str  # "vanilla" or "s=0.25"
+    s: float | None
+    checkpoint: str
+    bundle: str | None = None
+    macs: int | None = None
+    params: int | None = None
+    parity: dict[str, float] = field(default_factory=dict)  # artifact vs its own torch model (the build's gate)
+    dice_agreement: float | None = None  # artifact vs the vanilla torch model, thresholded masks
+    max_abs_vs_vanilla: float | None = None
+    cosine_vs_vanilla: float | None = None
+    holdout_dice: float | None = None  # factorized torch model vs labels (where the data has labels)
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    cv: float | None = None
+    ratio: float | None = None  # median / vanilla median, paired
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    error: str | None = None  # why this s has no measurement (e.g. its int8 artifact failed parity)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SweepResult:
+    """All points, the Pareto fronts, and the profile report of the rotating measurement."""
+
+    model: str
+    target: str
+    precision: str
+    backend: str
+    points: list[SweepPoint]
+    report: Report | None
+    notes: list[str] = field(default_factory=list)
+
+    def front(self, quality: str) -> list[SweepPoint]:
+        """Points on the latency/``quality`` Pareto front (fastest first)."""
+        usable = [p for p in self.points if p.median_ms is not None and getattr(p, quality) is not None]
+        rows = [{"median_ms": p.median_ms, quality: getattr(p, quality), "point": p} for p in usable]
+        return [r["point"] for r in pareto_front(rows, quality)]
+
+    def rows(self) -> list[dict[str, Any]]:
+        on_parity = {id(p) for p in self.front("dice_agreement")}
+        on_dice = {id(p) for p in self.front("holdout_dice")}
+        rows = []
+        for p in self.points:
+            row = p.as_dict()
+            own = row.pop("parity")
+            row.update({f"own_parity_{k}": own.get(k) for k in ("max_abs", "cosine", "dice_agreement")})
+            rows.append({**row, "front_parity": id(p) in on_parity, "front_dice": id(p) in on_dice})
+        return rows
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "sfedge-sweep/1", "model": self.model, "target": self.target, "precision": self.precision,
+            "backend": self.backend, "points": [p.as_dict() for p in self.points],
+            "pareto_parity": [p.name for p in self.front("dice_agreement")],
+            "pareto_dice": [p.name for p in self.front("holdout_dice")], "notes": self.notes,
+            "device": self.report.device if self.report else None,
+        }
+
+    def _table(self) -> tuple[list[str], list[list[Any]]]:
+        header = ["point", "GMAC", "median ms", "vs vanilla (CI)", "Dice agr. vs vanilla", "max abs vs vanilla",
+                  "held-out Dice", "front"]
+        on_parity = {id(p) for p in self.front("dice_agreement")}
+        on_dice = {id(p) for p in self.front("holdout_dice")}
+        rows = []
+        for p in self.points:
+            ratio = (f"{p.ratio:.3f} [{p.ratio_low:.3f}, {p.ratio_high:.3f}]" if p.ratio is not None
+                     else ("baseline" if p.s is None and p.median_ms is not None else "-"))
+            front = "+".join(k for k, ids in (("parity", on_parity), ("Dice", on_dice)) if id(p) in ids)
+            rows.append([p.name, f"{p.macs / 1e9:.3f}" if p.macs else "-",
+                         f"{p.median_ms:.3f}" if p.median_ms is not None else (p.error or "-"), ratio,
+                         _fmt(p.dice_agreement, ".4f"), _fmt(p.max_abs_vs_vanilla, ".3g"), _fmt(p.holdout_dice, ".4f"),
+                         front or "-"])
+        return header, rows
+
+    def tables(self) -> list[Any]:
+        from sfedge.console import table
+
+        header, rows = self._table()
+        return [table(f"rank sweep: {self.model} on {self.target} ({self.backend} {self.precision})", header, rows,
+                      caption="vs vanilla = paired ratio of medians (lower is faster); front = on the Pareto front")]
+
+    def markdown(self, figure: str | None = None) -> str:
+        header, rows = self._table()
+        lines = [f"# Rank sweep: {self.model} on {self.target} ({self.backend} {self.precision})", "",
+                 "Latency measured in one rotating run (every configuration in its own process, order reversed each "
+                 "round); ratios are paired with the vanilla model, with bootstrap CIs.", "",
+                 *markdown_table(header, rows)]
+        if figure:
+            lines += ["", f"![sweep]({figure})"]
+        if self.notes:
+            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: str | os.PathLike[str], plots: bool = True) -> Path:
+        """sweep.json, sweep.csv, sweep.md, sweep.png and the profile report (profile/) into ``folder``."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / "sweep.json", self.as_dict())
+            write_csv(tmp / "sweep.csv", self.rows())
+            figure = None
+            if plots:
+                from sfedge.profile.plots import plot_sweep
+
+                pts = [{**p.as_dict(), "name": p.name} for p in self.points]
+                note = plot_sweep(pts, tmp / "sweep.png",
+                                  f"{self.model} on {self.target} ({self.backend} {self.precision}): rank sweep")
+                if note:
+                    self.notes.append(note)
+                else:
+                    figure = "sweep.png"
+            if self.report is not None:
+                self.report.write(tmp / "profile", plots=plots)
+            (tmp / "sweep.md").write_text(self.markdown(figure))
+        return folder
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def parse_s_values(text: str) -> list[float]:
+    """'1,0.5,0.25' -> [1.0, 0.5, 0.25] (each in (0, 1])."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--s {text!r} is not a comma-separated list of numbers", "e.g. --s 1,0.5,0.25,0.125") from None
+    bad = [v for v in values if not 0 < v <= 1]
+    if not values or bad:
+        raise ConfigError(f"--s values must be in (0, 1], got {text!r}", "e.g. --s 1,0.5,0.25,0.125")
+    return list(dict.fromkeys(values))
+
+
+def sweep(
+    model: str | os.PathLike[str],
+    target: str,
+    s_values: Sequence[float],
+    *,
+    precision: str | None = None,
+    backend: str | None = None,
+    calibration: str = "fundus-demo",
+    bundles_dir: str | os.PathLike[str] = "bundles",
+    checkpoints_dir: str | os.PathLike[str] | None = None,
+    config: MeasureConfig = MeasureConfig(),
+    force: bool = False,
+    labels: bool | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Factorize ``model`` (a vanilla checkpoint, or a demo model name) at each s, build, check, profile.
+
+    A rank whose build fails (e.g. its int8 artifact misses the parity
+    tolerance) is kept in the result with its one-line error and left out
+    of the measurement.  ``labels``: compute held-out Dice against the fundus
+    pseudo-labels (default: when the checkpoint was trained on them).
+    """
+    from sfedge.build import build_bundle, factorize_checkpoint
+    from sfedge.targets import BACKEND_PRECISIONS, load_target
+
+    say = progress or (lambda message, fraction=None: None)
+    tgt = load_target(target)
+    prec = tgt.check_precision(precision or tgt.default_precision)
+    usable = [b for b in tgt.backends if prec in BACKEND_PRECISIONS.get(b, ())]
+    chosen = backend or (usable[0] if usable else tgt.backend)
+    if chosen not in usable:
+        raise ConfigError(f"target {tgt.name} builds no {chosen} artifact at {prec}",
+                          f"choose --backend from: {', '.join(usable) or 'none'}")
+    vanilla_ckpt = _vanilla_checkpoint(model)
+    ck_dir = Path(checkpoints_dir) if checkpoints_dir else Path(bundles_dir) / "sweep-checkpoints"
+    ck_dir.mkdir(parents=True, exist_ok=True)
+    n_steps = len(s_values) + 1
+    step = lambda i, what: (lambda m, f=None: say(f"{what}: {m}", None if f is None else 0.6 * (i + f) / n_steps))  # noqa: E731
+
+    say("building the vanilla bundle", 0.0)
+    vanilla = build_bundle(vanilla_ckpt, tgt, prec, calibration=calibration, out_dir=bundles_dir, force=force,
+                           progress=step(0, "vanilla"))
+    points = [_point("vanilla", None, vanilla_ckpt, vanilla.bundle)]
+    built = {id(points[0]): vanilla.bundle}
+    for i, s in enumerate(s_values, start=1):
+        ck_path = ck_dir / f"{Path(vanilla_ckpt).stem}-s{s:g}.safetensors"
+        say(f"factorizing at s={s:g}", 0.6 * i / n_steps)
+        factorize_checkpoint(vanilla_ckpt, s, ck_path)
+        point = SweepPoint(f"s={s:g}", s, str(ck_path))
+        try:
+            result = build_bundle(ck_path, tgt, prec, calibration=calibration, out_dir=bundles_dir, force=force,
+                                  progress=step(i, f"s={s:g}"))
+        except SfedgeError as e:
+            point.error = str(e)
+            points.append(point)
+            continue
+        point = _point(point.name, s, ck_path, result.bundle)
+        built[id(point)] = result.bundle
+        points.append(point)
+
+    say("checking agreement with the vanilla model", 0.62)
+    _quality_vs_vanilla([p for p in points if id(p) in built], built, vanilla.bundle, chosen)
+    if labels is None:
+        labels = _has_labels(vanilla_ckpt)
+    if labels:
+        say("held-out Dice on the labels", 0.66)
+        _holdout_dice(points)
+
+    measured = [p for p in points if id(p) in built]
+    subjects = [subjects_from(built[id(p)].path, chosen)[0] for p in measured]
+    for p, subj in zip(measured, subjects):
+        subj.label = f"{p.name} {subj.backend} {subj.precision}"
+    report = None
+    notes: list[str] = []
+    if len(subjects) >= 2:
+        measurements, pairings = measure_group(
+            subjects, 0, config, lambda m, f=None: say(m, None if f is None else 0.7 + 0.3 * f))
+        report = Report.create(measurements, pairings, config)
+        _attach_latency(measured, measurements, pairings)
+        notes = list(report.notes)
+    else:
+        notes.append("fewer than two configurations were built, so nothing was measured")
+    name = Path(vanilla_ckpt).stem
+    return SweepResult(name, tgt.name, prec, chosen, points, report, notes)
+
+
+def _vanilla_checkpoint(model: str | os.PathLike[str]) -> Path:
+    """The dense checkpoint to factorize: a path, or a demo model name (trained on first use)."""
+    from sfedge.checkpoint import read_checkpoint_header
+
+    p = Path(model)
+    if not p.exists() and p.suffix != ".safetensors":
+        from sfedge.train import DEMO_MODELS
+
+        if str(model) not in DEMO_MODELS:
+            raise ConfigError(f"'{model}' is neither a checkpoint file nor a demo model",
+                              f"give a vanilla .safetensors checkpoint or one of: {', '.join(DEMO_MODELS)}")
+        from sfedge.demo import demo_checkpoints
+
+        p = demo_checkpoints()[str(model)]
+    header = read_checkpoint_header(p)  # raises CheckpointError for a missing or foreign file
+    import json
+
+    if json.loads(header.get("config", "{}")).get("conv") == "sfconv":
+        raise ConfigError(f"{p} is already an SFConv model", "give the vanilla (dense) checkpoint to sweep from")
+    return p
+
+
+def _has_labels(ckpt: Path) -> bool:
+    """Trained on the fundus demo's pseudo-labels (so held-out Dice means something)."""
+    import json
+
+    from sfedge.checkpoint import read_checkpoint_header
+
+    metrics = json.loads(read_checkpoint_header(ckpt).get("metrics") or "{}")
+    return "holdout_dice" in metrics
+
+
+def _point(name: str, s: float | None, ckpt: str | Path, bundle: Any) -> SweepPoint:
+    m = bundle.manifest["model"]
+    return SweepPoint(name, s, str(ckpt), str(bundle.path), m.get("macs"), m.get("params"))
+
+
+def _quality_vs_vanilla(points: list[SweepPoint], built: dict[int, Any], vanilla: Any, backend: str) -> None:
+    """Run each point's artifact on the held-out inputs and compare with the vanilla torch model's outputs."""
+    import numpy as np
+
+    from sfedge.backends import runner_for
+    from sfedge.parity import compare_outputs
+
+    inputs, reference = vanilla.reference()
+    for p in points:
+        bundle = built[id(p)]
+        art = bundle.artifact(backend)
+        p.parity = dict(art.parity)
+        own_inputs, _ = bundle.reference()
+        if own_inputs.shape != inputs.shape or not np.array_equal(own_inputs, inputs):
+            p.error = "held-out inputs differ from the vanilla bundle's (different calibration set or size)"
+            continue
+        with runner_for(art.path, backend=backend, threads=bundle.manifest["target"].get("threads")) as runner:
+            parity = compare_outputs(reference, runner.run(inputs))
+        p.dice_agreement, p.max_abs_vs_vanilla, p.cosine_vs_vanilla = (
+            parity.dice_agreement, parity.max_abs, parity.cosine)
+
+
+def _holdout_dice(points: list[SweepPoint]) -> None:
+    from sfedge.checkpoint import load_checkpoint
+    from sfedge.train import holdout_dice
+
+    for p in points:  # the torch model's quality, so also for ranks whose build failed
+        p.holdout_dice = holdout_dice(load_checkpoint(p.checkpoint).model)
+
+
+def _attach_latency(points: list[SweepPoint], measurements: list[Measurement], pairings: list[Any]) -> None:
+    by_label = {pr.candidate: pr for pr in pairings}
+    for p, m in zip(points, measurements):
+        s = m.summary
+        p.median_ms, p.p90_ms, p.cv = s.median, s.p90, s.cv
+        pr = by_label.get(m.label)
+        if pr is not None:
+            p.ratio, p.ratio_low, p.ratio_high = pr.ratio.ratio, pr.ratio.low, pr.ratio.high
