@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from profiling_workloads import RUNNER_SPEC, busy_loop, matmul_chain, wrap_bundle
+
 from sfedge.errors import SfedgeError
 from sfedge.profile.measure import MeasureConfig, Subject, measure, measure_pair, pair_up, subjects_from
 

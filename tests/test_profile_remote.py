@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from profiling_workloads import matmul_chain, wrap_bundle
 
 asyncssh = pytest.importorskip("asyncssh", reason="the dev extra's asyncssh runs the localhost SSH server")
@@ -132,3 +131,19 @@ def test_an_unreachable_host_fails_with_one_line(bundles, tmp_path, sfedge_cli):
     assert code != 0
     line = err.strip().splitlines()[-1]
     assert line.startswith("sfedge profile: error:") and "127.0.0.1" in line and "probing" in line
+
+
+def test_missing_requirements_name_only_what_the_bundles_need():
+    from sfedge import __version__
+    from sfedge.profile.remote import missing_requirements
+
+    mods = {"numpy": True, "psutil": True, "rich": True, "onnxruntime": False, "ai_edge_litert": False,
+            "tflite_runtime": True, "tensorrt": False}
+    probe = {"sfedge": __version__, "modules": mods}
+    assert missing_requirements(probe, ["tflite"]).pip == [], "tflite-runtime is an accepted TFLite interpreter"
+    m = missing_requirements(probe, ["onnxruntime", "tflite"])
+    assert m.pip == ["onnxruntime>=1.17,<2"] and not m.sfedge and not m.blocking
+    trt = missing_requirements(probe, ["tensorrt"])
+    assert trt.blocking and "JetPack" in trt.blocking[0] and trt.pip == []
+    old = missing_requirements({"sfedge": "0.0.1", "modules": {**mods, "onnxruntime": True}}, ["onnxruntime"])
+    assert old.outdated == "0.0.1" and old.pip == []

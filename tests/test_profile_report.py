@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from profiling_workloads import matmul_chain
+
 from sfedge.profile.compare import compare_reports
 from sfedge.profile.measure import MeasureConfig, Subject, profile_subjects
 from sfedge.profile.report import REPORT_JSON, Report, load_report

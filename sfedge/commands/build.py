@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("-c", "--calibration", default="fundus-demo", help="calibration set name or spec path (default fundus-demo)")
     p.add_argument("-o", "--out", default="bundles", help="folder to write bundles into (default ./bundles)")
     p.add_argument("--force", action="store_true", help="rebuild even when the bundle is up to date")
+    p.add_argument("--dry-run", action="store_true", help="list the (target, precision) builds and stop")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
     return p
@@ -52,6 +53,14 @@ def run(args: argparse.Namespace) -> int:
                 continue
             t.check_precision(p)
             jobs.append((t, p))
+    if args.dry_run:
+        plan = [{"target": t.name, "precision": p, "backends": [b for b in t.backends]} for t, p in jobs]
+        if args.json:
+            print_json(plan)
+        else:
+            console.print(table("planned builds", ["target", "precision", "backends"],
+                                [[j["target"], j["precision"], "+".join(j["backends"])] for j in plan]))
+        return 0
     results, failures = [], []
     single = len(jobs) == 1
     from sfedge.build import build_bundle

@@ -18,7 +18,7 @@ __all__ = ["register", "run", "add_measure_options", "measure_config", "default_
 EPILOG = """examples:
   sfedge profile bundles/unet-sfconv__host-cpu__fp32 --pair bundles/unet__host-cpu__fp32
       SFConv vs vanilla, every artifact of the bundle (ONNX Runtime and TFLite), alternating A B B A ...
-  sfedge profile bundles/*__int8 --pair bundles/unet__host-cpu__int8 --backend tflite -o reports/int8
+  sfedge profile bundles/unet-sfconv__host-cpu__int8 --pair bundles/unet__host-cpu__int8 --backend tflite -o reports/int8
   sfedge profile model.onnx --runs 200 --min-seconds 5 --threads 1
   sfedge profile bundles/unet-sfconv__android-arm64__int8 --pair bundles/unet__android-arm64__int8 \\
       --remote pi@raspberrypi --remote me@pixel-termux --ssh-option Port=8022

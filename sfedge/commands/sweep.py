@@ -37,6 +37,8 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--calibration", default="fundus-demo", help="calibration set for builds (default fundus-demo)")
     p.add_argument("--bundles", type=Path, default=Path("bundles"), help="where bundles are built (default bundles/)")
     p.add_argument("--force", action="store_true", help="rebuild bundles even when up to date")
+    p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                   help="fine-tune each factorized model this many steps on the fundus demo first (default 0)")
     add_measure_options(p)
     p.add_argument("-o", "--out", type=Path, help="report folder (default: reports/sweep-<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar("sweep", enabled=not args.json) as progress:
         result = sweep(args.model, args.target, s_values, precision=args.precision, backend=args.backend,
                        calibration=args.calibration, bundles_dir=args.bundles, config=config, force=args.force,
-                       progress=progress)
+                       finetune_steps=args.finetune, progress=progress)
     result.write(out, plots=not args.no_plots)
     if args.json:
         print_json({**result.as_dict(), "out": str(out)})

@@ -17,7 +17,7 @@ from typing import Any
 from sfedge.console import table
 from sfedge.errors import ConfigError
 from sfedge.fileio import atomic_dir, write_json
-from sfedge.profile.report import Report, markdown_table, write_csv, load_report, pair_rows, summary_rows
+from sfedge.profile.report import Report, load_report, markdown_table, pair_rows, summary_rows, write_csv
 from sfedge.profile.stats import CV_WARNING
 
 __all__ = ["Comparison", "compare_reports"]

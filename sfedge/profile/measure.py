@@ -183,9 +183,11 @@ class WorkerProcess:
 
     def __init__(self, subject: Subject, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
         self.subject = subject
-        package_root = str(Path(sfedge.__file__).resolve().parent.parent)
+        package_root = Path(sfedge.__file__).resolve().parent.parent
         environment = dict(os.environ if env is None else env)
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environment.get("PYTHONPATH")) if p)
+        if package_root.name not in ("site-packages", "dist-packages"):  # a source checkout: let the worker find it
+            environment["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(package_root), environment.get("PYTHONPATH")) if p)
         environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
@@ -251,21 +253,21 @@ def _worker_error(reply: dict[str, Any], label: str, cmd: str) -> SfedgeError:
 
 
 # -- measuring ---------------------------------------------------------------------
-def measure(subject: Subject, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None) -> Measurement:
+def measure(subject: Subject, config: MeasureConfig | None = None, progress: Progress | None = None) -> Measurement:
     """Measure one configuration in its own worker process."""
-    return _run([subject], config, progress)[0]
+    return _run([subject], config or MeasureConfig(), progress)[0]
 
 
 def measure_pair(
-    candidate: Subject, baseline: Subject, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None,
+    candidate: Subject, baseline: Subject, config: MeasureConfig | None = None, progress: Progress | None = None,
 ) -> tuple[Measurement, Measurement, Pairing]:
     """Measure two configurations alternately (A B B A ...) and compare their medians with a bootstrap CI."""
-    (a, b), [pairing] = measure_group([candidate, baseline], 1, config, progress)
+    (a, b), [pairing] = measure_group([candidate, baseline], 1, config or MeasureConfig(), progress)
     return a, b, pairing
 
 
 def measure_group(
-    subjects: Sequence[Subject], baseline: int, config: MeasureConfig = MeasureConfig(), progress: Progress | None = None,
+    subjects: Sequence[Subject], baseline: int, config: MeasureConfig | None = None, progress: Progress | None = None,
 ) -> tuple[list[Measurement], list[Pairing]]:
     """Measure several configurations in rotation (A B C C B A ...), each compared with ``subjects[baseline]``.
 
@@ -275,6 +277,7 @@ def measure_group(
     """
     if len(subjects) < 2:
         raise ConfigError("a paired comparison needs at least two configurations", "give --pair BUNDLE")
+    config = config or MeasureConfig()
     measurements = _run(subjects, config, progress)
     base = measurements[baseline]
     pairings = []
@@ -385,7 +388,7 @@ def subjects_from(path: str | Path, backend: str | None = None) -> list[Subject]
         found = backend_for_path(p)
         if backend and backend != found:
             raise ConfigError(f"{p.name} is a {found} artifact, not {backend}", f"drop --backend or use --backend {found}")
-        return [Subject(p, found, p.stem, "unknown")]
+        return [Subject(p, found, p.stem, "unknown", label=p.name)]
     if not is_bundle(p):
         raise BundleError(f"{p} is neither a bundle folder nor an artifact file",
                           "give a folder written by `sfedge build` or an .onnx / .tflite / .engine file")
@@ -434,10 +437,11 @@ def pair_up(candidates: Sequence[Subject], baselines: Sequence[Subject]) -> list
 def profile_subjects(
     subjects: Sequence[Subject],
     pairs: Sequence[tuple[Subject, Subject]] = (),
-    config: MeasureConfig = MeasureConfig(),
+    config: MeasureConfig | None = None,
     progress: Progress | None = None,
 ) -> tuple[list[Measurement], list[Pairing]]:
     """Measure ``subjects`` one by one and ``pairs`` alternately; labels are made unique."""
+    config = config or MeasureConfig()
     pairs = [(replace(c), replace(b)) for c, b in pairs]  # a baseline shared by two pairs is measured twice
     subjects = [replace(s) for s in subjects]
     _unique_labels([*(s for p in pairs for s in p), *subjects])

@@ -91,7 +91,9 @@ class RssSampler:
 def memory_notes(backend: str, memory_info: dict[str, Any]) -> list[str]:
     """What the memory figures do and do not count for ``backend`` (shown under the report's table)."""
     notes = []
-    if backend == "tensorrt" or any(k.startswith(("device", "engine", "activation")) for k in memory_info):
+    if isinstance(memory_info.get("note"), str):  # the runtime's own account (TensorRT on Jetson) comes first
+        notes.append(memory_info["note"])
+    elif backend == "tensorrt" or any(k.startswith(("device", "engine", "activation")) for k in memory_info):
         notes.append(
             "RSS counts the process's CPU-side pages only; TensorRT engine and activation memory are device "
             "allocations reported by the runtime (engine/activation columns). On a Jetson CPU and GPU share one "

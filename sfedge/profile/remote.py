@@ -209,9 +209,9 @@ def profile_remote(
     pairs: Sequence[str | os.PathLike[str]] = (),
     *,
     backend: str | None = None,
-    config: MeasureConfig = MeasureConfig(),
+    config: MeasureConfig | None = None,
     out: Path = Path("reports/remote"),
-    options: RemoteOptions = RemoteOptions(),
+    options: RemoteOptions | None = None,
     plots: bool = True,
     progress: Progress | None = None,
 ) -> list[RemoteResult]:
@@ -222,6 +222,7 @@ def profile_remote(
     """
     if not hosts:
         raise RemoteError("no remote hosts given", "pass --remote USER@HOST")
+    config, options = config or MeasureConfig(), options or RemoteOptions()
     paths = [Path(b) for b in [*bundles, *pairs]]
     for p in paths:
         if not p.exists():

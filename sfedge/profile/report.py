@@ -95,19 +95,20 @@ class Report:
         """Write the report folder (replacing an older one only once the new one is complete); returns its files."""
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
-            write_json(tmp / REPORT_JSON, self.as_dict())
-            write_csv(tmp / "summary.csv", summary_rows(self))
-            write_csv(tmp / "pairs.csv", pair_rows(self))
-            write_csv(tmp / "samples.csv", [
-                {"device": self.device, "label": m.label, "index": i, "round": r, "ms": round(v, 6)}
-                for m in self.measurements for i, (v, r) in enumerate(zip(m.samples_ms, m.rounds))
-            ])
-            if plots:
+            if plots:  # first, so a "no matplotlib" note reaches every file
                 from sfedge.profile.plots import write_report_plots
 
                 note = write_report_plots(self, tmp)
                 if note and note not in self.notes:
                     self.notes.append(note)
+            write_json(tmp / REPORT_JSON, self.as_dict())
+            write_csv(tmp / "summary.csv", summary_rows(self))
+            write_csv(tmp / "pairs.csv", pair_rows(self))
+            write_csv(tmp / "samples.csv", [
+                {"device": self.device, "label": m.label, "index": i, "round": r,
+                 "start_s": m.starts_s[i] if i < len(m.starts_s) else None, "ms": round(v, 6)}
+                for m in self.measurements for i, (v, r) in enumerate(zip(m.samples_ms, m.rounds))
+            ])
             (tmp / "report.md").write_text(self.markdown(sorted(f.name for f in tmp.glob("*.png"))))
         return sorted(folder.iterdir())
 

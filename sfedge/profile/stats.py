@@ -14,8 +14,8 @@ and slow drift (thermal throttling, a neighbour's job) moves A and B alike.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np

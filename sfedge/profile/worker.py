@@ -87,6 +87,7 @@ class Worker:
         load_ns = time.perf_counter_ns() - start
         self.runner.loaded = True
         rss_loaded = rss_bytes()
+        versions.update(self.runner.versions())  # some runners know more once loaded (TensorRT, CUDA)
         self.feed, feed_source = self._make_feed(input)
         start = time.perf_counter_ns()
         self.runner.infer(self.feed)

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from sfedge.backends.base import Artifact, TensorSpec
-from sfedge.errors import ConfigError, ExportError
+from sfedge.errors import CalibrationError, ConfigError, ExportError
+from sfedge.export import set_onnx_metadata
 from sfedge.fileio import atomic_path
 from sfedge.quantize.ranges import compute_ranges, write_ranges
 
@@ -100,7 +101,8 @@ def quantize_qdq(
 
     path = Path(path)
     src = Path(onnx_artifact.path)
-    layers = quantizable_layers(src)
+    fp32 = onnx.load(str(src))
+    layers = quantizable_layers(fp32)
     unknown = sorted(set(float_nodes) - set(layers))
     if unknown:
         raise ConfigError(
@@ -113,10 +115,9 @@ def quantize_qdq(
     _tell(progress, f"inserting Q/DQ ({len(layers) - len(set(float_nodes))} of {len(layers)} layers in int8)", None)
     with tempfile.TemporaryDirectory(prefix="sfedge-qdq-") as tmp:
         qdq_path = Path(tmp) / "qdq.onnx"
-        _ort_quantize(src, qdq_path, Path(tmp) / "ranges.json", ranges, method, excluded=set(float_nodes))
+        _ort_quantize(fp32, qdq_path, Path(tmp) / "ranges.json", ranges, method,
+                      quantize=[n for n in layers if n not in set(float_nodes)])
         model = onnx.load(str(qdq_path))
-    from sfedge.export import set_onnx_metadata
-
     float_list = [n for n in layers if n in set(float_nodes)]
     set_onnx_metadata(model, {"precision": "int8", "calibration": method, "float_layers": float_list,
                               "quantization": "qdq-int8-symmetric"})
@@ -168,7 +169,6 @@ def to_fp16(onnx_artifact: Artifact, path: str | Path, *, float_scopes: Sequence
     except Exception as e:  # onnx ValidationError / InferenceError
         raise ExportError(f"the fp16 graph of {src.name} is invalid: {str(e).splitlines()[0][:200]}",
                           "report this model; use fp32 or int8 meanwhile") from None
-    from sfedge.export import set_onnx_metadata
 
     set_onnx_metadata(half, {"precision": "fp16", "float_layers": blocked})
     path = Path(path)
@@ -255,8 +255,12 @@ def _keep_blocked_regions_float32(model: Any) -> None:
 
 
 # -- ONNX Runtime's quantizer, driven with our ranges ---------------------------------
-def _ort_quantize(src: Path, dst: Path, cache: Path, ranges: dict[str, float], method: str, excluded: set[str]) -> None:
-    """quantize_static with precomputed ranges (passed through its calibration cache file)."""
+def _ort_quantize(src: Any, dst: Path, cache: Path, ranges: dict[str, float], method: str, quantize: list[str]) -> None:
+    """quantize_static on the ModelProto ``src`` with precomputed ranges (passed through its calibration cache file).
+
+    Only the layers in ``quantize`` get Q/DQ; every other node of a quantizable
+    op type (layers kept float, NMF MatMuls) is excluded by name.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -265,25 +269,21 @@ def _ort_quantize(src: Path, dst: Path, cache: Path, ranges: dict[str, float], m
     data = {name: TensorData(lowest=np.array(-amax, np.float32), highest=np.array(amax, np.float32))
             for name, amax in ranges.items()}
     save_tensors_data(TensorsData(ort_method, data), cache)
-    all_layers = quantizable_layers(src)
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=False)
-    # Nodes of the quantized types that are not weighted layers (e.g. NMF MatMuls) stay float too.
-    others = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and n.name not in all_layers]
-    missing = [n for n in model.graph.node if n.name in all_layers and n.name not in excluded and n.input[0] not in ranges]
+    wanted = set(quantize)
+    excluded = sorted(n.name for n in src.graph.node if n.op_type in QUANTIZED_OP_TYPES and n.name not in wanted)
+    missing = [n.name for n in src.graph.node if n.name in wanted and n.input[0] not in ranges]
     if missing:
-        raise ExportError(f"no calibration range for the input of layer {missing[0].name}",
-                          "compute the ranges on this same ONNX file")
+        raise CalibrationError(f"no calibration range for the input of layer {missing[0]}",
+                               "compute the ranges on this same ONNX file")
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)  # quantize_static warns about pre-processing on every call
     try:
         quantize_static(
-            str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+            src, str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=sorted(excluded | set(others)), calibrate_method=ort_method,
+            nodes_to_exclude=excluded, calibrate_method=ort_method,
             extra_options={
                 "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                 "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),

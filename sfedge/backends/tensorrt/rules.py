@@ -274,7 +274,8 @@ def _check_static_shapes(g: _Graph) -> Iterator[Violation]:
                 continue
             tt = vi.type.tensor_type
             if not tt.HasField("shape"):
-                yield Violation("static-shape", vi.name, f"graph {kind} has no shape; export with a fixed input shape")
+                if kind == "input":  # an output without shape info is fine: TensorRT infers it from the inputs
+                    yield Violation("static-shape", vi.name, "graph input has no shape; export with a fixed input shape")
                 continue
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
             if any(not isinstance(d, int) or d <= 0 for d in dims):

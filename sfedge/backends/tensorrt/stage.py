@@ -94,6 +94,9 @@ def make(
         fp32 = export_onnx(source, out / FP32_ONNX, opset=opset, check_inputs=holdout,
                            progress=lambda m, f: _tell(progress, m, None if f is None else 0.3 * f))
         primary, qdq, parity = FP32_ONNX, False, dict(fp32.parity)
+        if precision == "fp16" and strongly_typed is None and version[0] == 10 and _has_float_scopes(out / FP32_ONNX):
+            # A weakly typed --fp16 build would run the NMF in fp16 (NaN, SEEDS.md); strongly typed keeps it fp32.
+            typed = True
         parity_source: str | None = FP32_ONNX
         fallback: dict[str, Any] | None = None
         float_layers: list[str] = []
@@ -112,6 +115,7 @@ def make(
 
             ranges = compute_ranges(out / FP32_ONNX, calibration, method,
                                     progress=lambda m, f: _tell(progress, m, None if f is None else 0.3 + 0.1 * f))
+            _check_all_int8(fp32, calibration, ranges, method, trt, typed)
             tolerance = target.tolerance("int8")
             qdq_art, report = mixed_precision(
                 fp32, calibration, out / QDQ_ONNX, source.reference(holdout), tolerance, method=method,
@@ -172,8 +176,8 @@ def make(
         artifact = build_from_folder(folder, engine_cache=engine_cache, progress=progress, gpu=gpu)
         _check_engine(artifact, source, holdout, target, precision)
         return artifact
-    note = (f"engine not built here: {why}; run `sfedge build {source.name} --target {target.name} "
-            f"--precision {precision}` on the device (or sh {SCRIPT} in {folder.name})")
+    note = (f"engine not built here: {why}; on the {target.name} run `sfedge build <this bundle folder>` "
+            f"(or sh {SCRIPT} in {folder.name})")
     _tell(progress, note, 1.0)
     files = sorted(p for p in folder.iterdir() if p.is_file())
     inputs = [TensorSpec.from_dict(t) for t in plan["inputs"]]
@@ -183,6 +187,33 @@ def make(
         float_layers=float_layers, parity=parity, files=files, notes=[note],
         meta={k: plan[k] for k in ("target", "tensorrt", "sm", "strongly_typed", "onnx", "qdq", "parity_source")},
     )
+
+
+def _check_all_int8(fp32: Artifact, calibration: Any, ranges: dict[str, float], method: str, trt: str,
+                    typed: bool) -> None:
+    """Lint the every-layer-int8 Q/DQ graph before the per-layer search (minutes): fail in a second instead.
+
+    Mixed precision only removes Q/DQ pairs from this graph, so if it passes
+    the rules, so does whatever the search settles on.
+    """
+    import tempfile
+
+    from sfedge.quantize.qdq import quantize_qdq
+
+    with tempfile.TemporaryDirectory(prefix="sfedge-trt-") as tmp:
+        probe = quantize_qdq(fp32, calibration, Path(tmp) / QDQ_ONNX, method=method, ranges=ranges,
+                             write_ranges_file=False)
+        check_onnx(probe.path, tensorrt_version=trt, strongly_typed=typed, precision="int8")
+
+
+def _has_float_scopes(onnx_path: Path) -> bool:
+    """True when the graph has nodes that must stay float32 in an fp16 build (sfedge.quantize.qdq.FLOAT_SCOPES)."""
+    import onnx
+
+    from sfedge.quantize.qdq import FLOAT_SCOPES
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(scope in node.name for node in graph.node for scope in FLOAT_SCOPES)
 
 
 def _parity_of(artifact: Artifact) -> Any:
@@ -239,7 +270,7 @@ def build_from_folder(
     why = gpu.mismatch(plan["tensorrt"], plan["sm"]) if gpu is not None else "no CUDA GPU with TensorRT here"
     if why is not None:
         raise BackendUnavailable(f"cannot build the engine in {folder.name} on this machine: {why}",
-                                 f"run this on a {plan['target']} (or sh {SCRIPT} there)")
+                                 f"run it on a {plan['target']} device, or run {SCRIPT} there")
     step = plan.get("fallback") if use_fallback else plan
     if step is None:
         raise ConfigError(f"{folder.name} has no implicit-INT8 alternative", "build the primary ONNX")
@@ -296,7 +327,7 @@ def _device_readme(plan: dict[str, Any], model: str, command: list[str]) -> str:
         "",
         f"    sh {SCRIPT}",
         "",
-        f"runs (trtexec from $TRTEXEC, PATH or /usr/src/tensorrt/bin/trtexec):",
+        "runs (trtexec from $TRTEXEC, PATH or /usr/src/tensorrt/bin/trtexec):",
         "",
         "    " + " ".join(command),
         "",
@@ -304,7 +335,10 @@ def _device_readme(plan: dict[str, Any], model: str, command: list[str]) -> str:
         "",
         "## With sfedge (engine cache, parity check)",
         "",
-        f"    sfedge build {model} --target {plan['target']} --precision {plan['precision']}",
+        "    sfedge build ..            # from inside this folder: the bundle folder above it",
+        "",
+        "(builds the engine, checks it against the torch outputs the bundle carries, and records it in the "
+        "bundle's manifest; needs `pip install 'sfedge[runtime]'` and JetPack's TensorRT, not torch)",
         "",
         "or, with only numpy and TensorRT's Python bindings installed, from this folder:",
         "",

@@ -86,14 +86,17 @@ def make(
     progress: Progress | None = None,
     runtime: str | None = None,
     max_float_fraction: float = 0.5,
+    int16: bool = False,
 ) -> Artifact:
     """Build the .tflite artifact of ``source`` for ``target`` at ``precision``, parity-checked on the held-out split.
 
     The float conversion is checked first against the target's fp32
     tolerance (it is what catches the converter's silent bugs); int8 builds
     then keep layers float until ``target.tolerance("int8")`` holds (at most
-    ``max_float_fraction`` of the layers).  Raises ParityError when the final
-    file misses the tolerance and ExportError for Flex ops.
+    ``max_float_fraction`` of the layers); with ``int16`` the last resort is
+    int16 activations, which XNNPACK cannot run (slower than fp32 on CPUs, so
+    off by default).  Raises ParityError when the final file misses the
+    tolerance and ExportError for Flex ops.
     """
     from sfedge.backends.tflite.convert import cast_weights_fp16
     from sfedge.backends.tflite.ops import op_report
@@ -146,7 +149,7 @@ def make(
                 float_path, candidate, precision,
                 samples=calibration.tflite_samples(input_name, layout) if precision == "int8" else None,
                 signature=signature, score=score, tolerance=target.tolerance(precision),
-                keep_float=keep_float, namer=namer, max_float_fraction=max_float_fraction,
+                keep_float=keep_float, namer=namer, max_float_fraction=max_float_fraction, allow_int16=int16,
                 progress=progress,
             )
             parity = result.parity
