@@ -83,7 +83,7 @@ def run(out_dir: Path) -> str:
             entry["mixed_precision"] = report.as_dict()
             entry["entropy_vs_minmax"] = _range_ratio(ranges["entropy"], ranges["minmax"])
             results["models"][name] = entry
-            paths[(name, "fp32")], paths[(name, "int8")] = fp32.path, mixed.path
+            paths[(name, "fp32")], paths[(name, "fp16")], paths[(name, "int8")] = fp32.path, fp16.path, mixed.path
             paths[(name, "int8 (all layers)")] = work / f"{name}-int8-entropy.onnx"
         results["latency_ms"] = _latency(paths)
     write_json(out_dir / "onnx_qdq.json", results)
@@ -150,12 +150,15 @@ def _markdown(res: dict[str, Any], tol: Any) -> str:
     lat = res["latency_ms"]
     lines += ["", f"ONNX Runtime CPU EP, {res['threads']} threads, median of {res['runs']} interleaved runs (ms):", "",
               "| precision | vanilla | SFConv | SFConv / vanilla |", "|---|---:|---:|---:|"]
-    for prec in ("fp32", "int8 (all layers)", "int8"):
+    worst = max(lat.values(), key=lambda v: v["cv"])["cv"]
+    for prec in ("fp32", "fp16", "int8 (all layers)", "int8"):
         v, s = lat[f"unet {prec}"], lat[f"unet-sfconv {prec}"]
         label = "int8 (mixed)" if prec == "int8" else prec
         lines.append(f"| {label} | {v['median']:.1f} (p90 {v['p90']:.1f}) | {s['median']:.1f} (p90 {s['p90']:.1f}) | "
                      f"{s['median'] / v['median']:.2f} |")
-    lines += ["", "ONNX Runtime's CPU EP runs Q/DQ graphs by dequantizing into its float kernels (the TensorRT "
+    lines += ["", f"Largest coefficient of variation: {worst:.0%}" + (" (noisy: the machine was busy; compare ratios)"
+                                                                        if worst > 0.1 else ""),
+              "", "ONNX Runtime's CPU EP runs Q/DQ graphs by dequantizing into its float kernels (the TensorRT "
               "placement leaves conv outputs unquantized, so nothing fuses into QLinearConv): int8 here measures "
               "parity, not int8 speed. fp16 ONNX also runs at fp32 speed (casts inserted around float32 kernels)."]
     sf = res["models"].get("unet-sfconv")

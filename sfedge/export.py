@@ -31,7 +31,7 @@ import numpy as np
 
 from sfedge.backends.base import Artifact, ModelSource, TensorSpec
 from sfedge.errors import ExportError
-from sfedge.fileio import atomic_path
+from sfedge.fileio import atomic_path, write_error
 from sfedge.targets import Tolerance
 
 __all__ = [
@@ -174,6 +174,8 @@ def _torch_to_onnx(source: ModelSource, shape: tuple[int, ...], opset: int, dyna
                     model, (dummy,), str(f), dynamo=dynamo, opset_version=opset,
                     input_names=["input"], output_names=["output"], do_constant_folding=True, **kwargs,
                 )
+        except OSError as e:  # disk full, read-only temp folder: not an exporter problem
+            raise write_error(f, e) from None
         except Exception as e:  # the exporters raise many types (TorchExportError, RuntimeError, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(

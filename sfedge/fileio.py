@@ -18,7 +18,12 @@ from pathlib import Path
 
 from sfedge.errors import SfedgeError
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "write_text", "sha256_file", "sha256_bytes"]
+__all__ = ["write_error", "atomic_path", "atomic_dir", "write_json", "write_text", "sha256_file", "sha256_bytes"]
+
+
+def write_error(path: str | os.PathLike[str], error: OSError) -> SfedgeError:
+    """The one-line error for a failed write (full disk, read-only folder, file size limit)."""
+    return SfedgeError(f"could not write {path}: {error.strerror or error}", "check free disk space and permissions")
 
 
 def _writable_dir(folder: Path) -> None:
@@ -35,7 +40,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     _writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,7 +53,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        raise SfedgeError(f"could not write {path}: {e.strerror or e}", "check free disk space and permissions") from None
+        raise write_error(path, e) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -65,7 +73,10 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
     """
     path = Path(path)
     _writable_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
@@ -81,7 +92,7 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
             os.replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SfedgeError(f"could not write {path}: {e.strerror or e}", "check free disk space and permissions") from None
+        raise write_error(path, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

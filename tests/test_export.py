@@ -125,6 +125,17 @@ def test_export_that_disagrees_with_torch_fails_and_writes_nothing(tmp_path) -> 
     assert ok.path.is_file()
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+def test_opset_is_configurable(tmp_path, opset) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1)).eval()
+    src = ModelSource(model, "tiny", {}, "none", (1, 3, 16, 16))
+    art = export_onnx(src, tmp_path / "tiny.onnx", opset=opset)
+    model_proto = onnx.load(str(art.path))
+    assert {o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")} == {opset}
+    assert read_onnx_metadata(art.path)["opset"] == opset == art.meta["opset"]
+
+
 def test_check_inputs_of_the_wrong_size_are_refused(demo_sources, tmp_path) -> None:
     with pytest.raises(ExportError, match="input size"):
         export_onnx(demo_sources["unet"], tmp_path / "m.onnx", check_inputs=np.zeros((1, 3, 64, 64), np.float32))

@@ -97,7 +97,7 @@ def test_qdq_weights_are_int8_symmetric_per_channel(qdq) -> None:
         assert dq.op_type == "DequantizeLinear"
         w, scale, zp = (inits[i] for i in dq.input)
         axis = {a.name: a.i for a in dq.attribute}.get("axis", 1)
-        out_axis = 0 if node.op_type == "Conv" else 1  # ConvTranspose weights are (Ci, Co, kh, kw)
+        out_axis = 0  # Conv: output channels; ConvTranspose (Ci, Co, kh, kw): axis 0, the only one TensorRT supports
         assert w.dtype == np.int8 and zp.dtype == np.int8 and not zp.any()
         assert axis == out_axis and scale.shape == zp.shape == (w.shape[out_axis],)
         assert np.abs(w).max() <= 127

@@ -119,8 +119,6 @@ def test_symmetric_per_channel_qdq_with_axis0_deconv_weights_passes(unet_onnx, t
     assert fixed == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="sfedge.quantize.qdq quantizes ConvTranspose weights on axis 1; TensorRT needs axis 0")
 def test_sfedge_qdq_output_passes_the_lint(unet_onnx, small_calibration) -> None:
     from sfedge.quantize.qdq import quantize_qdq
 

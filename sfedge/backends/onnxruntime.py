@@ -75,13 +75,16 @@ class OnnxRuntimeRunner(Runner):
         opts.intra_op_num_threads = int(self.threads or 0)
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        level = self.options.get("optimization", "all")
-        opts.graph_optimization_level = {
+        levels = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[level]
+        }
+        level = self.options.get("optimization", "all")
+        if level not in levels:
+            raise UnknownNameError("ONNX Runtime optimization level", str(level), list(levels))
+        opts.graph_optimization_level = levels[level]
         opts.log_severity_level = 3
         rss = psutil.Process().memory_info().rss
         start = time.perf_counter()

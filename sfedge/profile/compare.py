@@ -17,7 +17,15 @@ from typing import Any
 from sfedge.console import table
 from sfedge.errors import ConfigError
 from sfedge.fileio import atomic_dir, write_json
-from sfedge.profile.report import Report, load_report, markdown_table, pair_rows, summary_rows, write_csv
+from sfedge.profile.report import (
+    Report,
+    load_report,
+    markdown_page,
+    markdown_table,
+    pair_rows,
+    summary_rows,
+    write_csv,
+)
 from sfedge.profile.stats import CV_WARNING
 
 __all__ = ["Comparison", "compare_reports"]
@@ -58,11 +66,7 @@ class Comparison:
     def markdown(self, figure: str | None = None) -> str:
         header, rows = self.grid()
         lines = ["# sfedge compare", "", f"Devices: {', '.join(self.devices)}", "", *markdown_table(header, rows)]
-        if figure:
-            lines += ["", f"![compare]({figure})"]
-        if self.notes:
-            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
-        return "\n".join(lines) + "\n"
+        return markdown_page(lines, [figure] if figure else [], self.notes)
 
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> Path:
         """compare.json, compare_pairs.csv, compare_summary.csv, compare.md and compare.png into ``folder``."""

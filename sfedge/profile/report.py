@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sfedge.profile.stats import CV_WARNING
 
 __all__ = [
     "SCHEMA", "REPORT_JSON", "Report", "host_info", "load_report", "summary_rows", "pair_rows", "write_csv", "markdown_table",
+    "markdown_page",
 ]
 
 SCHEMA = "sfedge-profile/1"
@@ -147,10 +149,8 @@ class Report:
               fmt_bytes(m.memory.get("peak_rss_steady")), fmt_bytes(m.memory.get("peak_rss_lifetime")),
               _runtime_memory(m.memory.get("runtime") or {})] for m in self.measurements])
         if plots:
-            lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots]]
-        if self.notes:
-            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
-        return "\n".join(lines) + "\n"
+            lines += ["", "## Plots"]
+        return markdown_page(lines, plots, self.notes)
 
     # -- terminal --------------------------------------------------------------------
     def tables(self) -> list[Any]:
@@ -223,6 +223,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     path.write_text(buf.getvalue())
+
+
+def markdown_page(lines: list[str], figures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """A Markdown document: ``lines``, then the figures (PNG files beside it), then a Notes section."""
+    out = list(lines)
+    if figures:
+        out += ["", *[f"![{Path(f).stem}]({f})" for f in figures]]
+    if notes:
+        out += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    return "\n".join(out) + "\n"
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any
 from sfedge.errors import ConfigError, SfedgeError
 from sfedge.fileio import atomic_dir, write_json
 from sfedge.profile.measure import MeasureConfig, Measurement, measure_group, subjects_from
-from sfedge.profile.report import Report, markdown_table, write_csv
+from sfedge.profile.report import Report, markdown_page, markdown_table, write_csv
 from sfedge.profile.stats import pareto_front
 
 __all__ = ["SweepPoint", "SweepResult", "sweep", "parse_s_values"]
@@ -132,11 +132,7 @@ class SweepResult:
                  "Latency measured in one rotating run (every configuration in its own process, order reversed each "
                  "round); ratios are paired with the vanilla model, with bootstrap CIs.", "",
                  *markdown_table(header, rows)]
-        if figure:
-            lines += ["", f"![sweep]({figure})"]
-        if self.notes:
-            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
-        return "\n".join(lines) + "\n"
+        return markdown_page(lines, [figure] if figure else [], self.notes)
 
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> Path:
         """sweep.json, sweep.csv, sweep.md, sweep.png and the profile report (profile/) into ``folder``."""

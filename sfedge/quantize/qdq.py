@@ -6,8 +6,12 @@ TensorRT 10+ builds INT8 from explicit QuantizeLinear/DequantizeLinear pairs
 * Q/DQ on the *inputs* of the weighted layers (Conv, ConvTranspose, and
   Gemm/MatMul with a constant weight) only, never on their outputs: TensorRT
   fuses conv + bias + ReLU and requantizes at the next layer's input;
-* int8, symmetric, zero point 0 everywhere; weights per output channel (axis 0
-  for Conv, axis 1 for ConvTranspose, whose weight is (Ci, Co, kh, kw)),
+* int8, symmetric, zero point 0 everywhere; weights per channel on axis 0 for
+  both Conv (output channels) and ConvTranspose (whose weight is (Ci, Co, kh,
+  kw), so axis 0 is its *input* channels): TensorRT's deconvolution kernels
+  support only that axis ("We don't support per-output-channel quant for
+  ConvTranspose", NVIDIA/TensorRT#2380; axis 1 gave wrong int8 results in
+  #1694), and NVIDIA's own quantization toolkits use axis 0;
   activations per tensor with scale ``amax / 127`` from
   :func:`sfedge.quantize.ranges.compute_ranges`;
 * bias left in float;
@@ -275,6 +279,10 @@ def _ort_quantize(src: Any, dst: Path, cache: Path, ranges: dict[str, float], me
     if missing:
         raise CalibrationError(f"no calibration range for the input of layer {missing[0]}",
                                "compute the ranges on this same ONNX file")
+    # ONNX Runtime's default ConvTranspose axis is 1; TensorRT needs 0 (module docstring).
+    weights = {init.name for init in src.graph.initializer}
+    deconv_axis0 = {n.input[1]: [{"axis": 0}] for n in src.graph.node
+                    if n.op_type == "ConvTranspose" and n.name in wanted and n.input[1] in weights}
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)  # quantize_static warns about pre-processing on every call
@@ -288,6 +296,9 @@ def _ort_quantize(src: Any, dst: Path, cache: Path, ranges: dict[str, float], me
                 "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                 "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),
                 "MatMulConstBOnly": True,
+                "TensorQuantOverrides": deconv_axis0,
+                # Without this ORT rescales weights for an int32 bias we do not make, and fails on axis overrides.
+                "QDQDisableWeightAdjustForInt32Bias": True,
             },
             calibration_cache_path=str(cache),
         )

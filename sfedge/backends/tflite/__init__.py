@@ -159,14 +159,17 @@ def make(
             notes.extend(result.notes)
         try:
             check_parity(parity, target.tolerance(precision), f"the {precision} TFLite artifact {final.name}")
+            report = op_report(candidate)
+            report.raise_for_errors()
         except Exception:
             candidate.unlink(missing_ok=True)
             raise
         candidate.replace(final)
         path = final
-
-    report = op_report(path)
-    report.raise_for_errors()
+    if precision == "fp32":
+        report = op_report(path)
+        report.raise_for_errors()
+    report.path = str(path)
     report_path = write_json(path.with_suffix(".ops.json"), report.as_dict(per_op=True))
     meta["op_report"] = report.summary()
     files = [report_path]
