@@ -3,7 +3,7 @@
 For the vanilla demo U-Net's host-cpu fp32 artifacts (ONNX Runtime and
 TFLite), alternately (so both see the same machine state):
 
-* the profiler: ``sfedge.profile.measure.measure`` (its own worker process,
+* the profiler: ``sfedge.profile.measure.measure`` (its worker processes,
   warm-up, per-inference ``perf_counter_ns``), median and mean;
 * an independent timing: a fresh Python process that loads the artifact with
   the runtime's own API (no sfedge code), warms up, then times N inferences
@@ -108,7 +108,8 @@ def run(out: Path) -> str:
     md = [
         "## Profiler fidelity and run-to-run spread (vanilla demo U-Net, host-cpu fp32)",
         "",
-        f"{REPEATS} alternating repetitions of: the profiler (own worker process, at least {RUNS} runs and 1 s) and an "
+        f"{REPEATS} alternating repetitions of: the profiler (default settings: {config.processes} worker processes, "
+        f"at least {RUNS} runs and 1 s) and an "
         f"independent fresh process timing {RUNS} inferences with the runtime's own API and one perf_counter around "
         "the whole loop. Ratios are profiler / independent (1.00 = perfect agreement; median over repetitions).",
         "",

@@ -87,8 +87,9 @@ def _markdown(report, sweeps) -> str:
         "## Profile: SFConv (s=0.25) vs vanilla demo U-Net on host-cpu (paired)",
         "",
         f"{report.host.get('cpu')}, {report.host.get('cpu_count')} cores, load average at start "
-        f"{report.host.get('load_average')}. Each configuration runs in its own worker process; the two of a pair "
-        "alternate in blocks of about 50 ms (A B B A ...), at least 20 rounds, after a warm-up of at least "
+        f"{report.host.get('load_average')}. Each configuration runs in {report.config['processes']} worker processes; "
+        "a pair's processes take turns in blocks of about 50 ms (A1 B1 A2 B2 A3 B3, reversed every round), at "
+        "least 20 rounds, after a warm-up of at least "
         f"{report.config['warmup_runs']} runs and {report.config['warmup_seconds']} s; at least {report.config['runs']} "
         f"runs and {report.config['min_seconds']} s each. Input 1x3x256x256, {report.measurements[0].threads} threads.",
         "",
@@ -98,10 +99,11 @@ def _markdown(report, sweeps) -> str:
     for r in pair_rows(report):
         md.append(f"| {r['backend']} | {r['precision']} | {r['median_candidate_ms']:.2f} | {r['median_baseline_ms']:.2f} "
                   f"| {r['speedup']:.2f}x | [{r['speedup_low']:.2f}, {r['speedup_high']:.2f}] | {r['rounds']} |")
-    md += ["", "| configuration | p90 ms | p99 ms | CV | load ms | first inference ms | RSS after load | peak RSS | file |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    md += ["", "| configuration | p90 ms | p99 ms | CV | process spread | load ms | first inference ms | RSS after load "
+           "| peak RSS | file |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary_rows(report):
-        md.append(f"| {r['label']} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['cv']:.1%} | {r['load_ms']:.1f} | "
+        md.append(f"| {r['label']} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['cv']:.1%} | "
+                  f"{r['process_spread']:.1%} | {r['load_ms']:.1f} | "
                   f"{r['first_ms']:.1f} | {fmt_bytes(r['rss_after_load'])} | {fmt_bytes(r['peak_rss_steady'])} | "
                   f"{fmt_bytes(r['artifact_bytes'])} |")
     md += ["", "Full report with every raw sample and plots: `profile-host-cpu/`."]

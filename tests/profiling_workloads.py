@@ -1,9 +1,8 @@
 """Workloads of known cost for the profiler's tests, and a way to wrap artifacts as bundles.
 
 * :class:`BusyLoopRunner`: a Runner whose artifact is a JSON file naming a
-  loop of integer additions and how many times one inference repeats it, so
-  repeats=1 and repeats=2 cost exactly 1:2 (up to a call overhead of a few
-  hundred nanoseconds, under 0.5% at the sizes used).
+  loop of small matrix products and how many times one inference repeats it,
+  so repeats=1 and repeats=2 cost 1:2 (up to the call overhead, well under 1%).
 * :func:`matmul_chain`: a real ONNX model, a chain of ``n`` square MatMuls,
   whose weights make RSS grow by a known amount.
 * :func:`wrap_bundle`: a bundle folder (schema ``sfedge-bundle/1``, hashes
@@ -24,11 +23,13 @@ RUNNER_SPEC = f"{Path(__file__).resolve()}:BusyLoopRunner"
 
 
 class BusyLoopRunner(Runner):
-    """Per inference, ``repeats`` times the same loop of ``iterations`` integer additions.
+    """Per inference, ``repeats`` times the same ``iterations`` of a 64x64 float32 matrix product.
 
     The artifact is a JSON file {"iterations": N, "repeats": R}: repeats=2
-    does exactly the work of repeats=1 twice (the same instructions on the
-    same values), so the cost ratio is known.
+    does exactly the work of repeats=1 twice (the same native kernel on the
+    same L1-resident matrices).  Compute-bound native code on purpose: a
+    pure-Python loop, or element-wise ops on larger arrays, change speed by
+    several percent from one process to the next (code and memory placement).
     """
 
     backend = "busyloop"
@@ -36,16 +37,18 @@ class BusyLoopRunner(Runner):
     def load(self) -> None:
         spec = json.loads(self.path.read_text())
         self.iterations, self.repeats = int(spec["iterations"]), int(spec.get("repeats", 1))
+        rng = np.random.default_rng(1)
+        self._x = rng.standard_normal((64, 64)).astype(np.float32)
+        self._y = rng.standard_normal((64, 64)).astype(np.float32)
+        self._z = np.empty((64, 64), np.float32)
         self.inputs = [TensorSpec("x", [1], "float32", "NCHW")]
-        self.outputs = [TensorSpec("y", [1], "float32", "NCHW")]
-        self._out = {"y": np.zeros(1, np.float32)}
+        self.outputs = [TensorSpec("y", [64, 64], "float32", "NCHW")]
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for _ in range(self.repeats):
-            acc = 0
-            for i in range(self.iterations):
-                acc = (acc + i) & 0xFFFF
-        return self._out
+            for _ in range(self.iterations):
+                np.dot(self._x, self._y, out=self._z)
+        return {"y": self._z}
 
     def close(self) -> None:
         pass

@@ -137,8 +137,8 @@ def test_missing_requirements_name_only_what_the_bundles_need():
     from sfedge import __version__
     from sfedge.profile.remote import missing_requirements
 
-    mods = {"numpy": True, "psutil": True, "rich": True, "onnxruntime": False, "ai_edge_litert": False,
-            "tflite_runtime": True, "tensorrt": False}
+    mods = {"numpy": True, "psutil": True, "rich": True, "onnxruntime": False, "ai_edge_litert.interpreter": False,
+            "tflite_runtime.interpreter": True, "tensorrt": False}
     probe = {"sfedge": __version__, "modules": mods}
     assert missing_requirements(probe, ["tflite"]).pip == [], "tflite-runtime is an accepted TFLite interpreter"
     m = missing_requirements(probe, ["onnxruntime", "tflite"])

@@ -103,6 +103,10 @@ def test_fp32_matches_torch(built, demo_sources, fundus_calibration, host_target
     assert art.inputs[0].layout == "NHWC" and art.inputs[0].shape == [1, 256, 256, 3]
     assert art.outputs[0].shape == [1, 256, 256, 1]
     assert Path(art.files[0]).name.endswith(".ops.json") and Path(art.files[0]).is_file()
+    # NHWC I/O with no layout change anywhere: litert-torch moved it into the producers and consumers.
+    report = op_report(art.path)
+    assert report.transposes == 0 and art.meta["op_report"]["transpose_at_io"] is False
+    assert report.fully_delegated
 
 
 def test_factorizer_fp32_matches_torch_and_nmf_is_float(factorizer_source, fundus_128, host_target, tflite_dir) -> None:

@@ -66,6 +66,9 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target threads)")
     g.add_argument("--confidence", type=float, default=0.95, help="confidence of the paired ratio's CI (default 0.95)")
     g.add_argument("--block", type=int, help="runs per alternation round in paired mode (default: about 50 ms)")
+    g.add_argument("--processes", type=int, default=3,
+                   help="worker processes per configuration; their differences enter the CI (default 3; "
+                        "1 on memory-tight devices)")
 
 
 def measure_config(args: argparse.Namespace) -> Any:
@@ -76,7 +79,7 @@ def measure_config(args: argparse.Namespace) -> Any:
         raise ConfigError("--threads must be at least 1", "e.g. --threads 2")
     return MeasureConfig(warmup_runs=args.warmup_runs, warmup_seconds=args.warmup_seconds, runs=args.runs,
                          min_seconds=args.min_seconds, threads=args.threads, confidence=args.confidence,
-                         block=args.block)
+                         block=args.block, processes=args.processes)
 
 
 def default_out(kind: str) -> Path:

@@ -6,7 +6,7 @@ inference are reported apart from the steady state; a warm-up (at least
 inferences lasting at least ``min_seconds``.
 
 *Paired* mode is what makes an SFConv-vs-vanilla number trustworthy on a
-shared or hot device: both configurations are loaded in their own worker, and
+shared or hot device: both configurations are loaded in their own workers, and
 the parent alternates blocks of inferences between them in the counterbalanced
 order A B B A A B ..., so slow drift (thermal throttling, another job) lands on
 both alike.  Blocks last about 50 ms (re-sized every round from the times seen
@@ -14,6 +14,15 @@ so far) and a paired run has at least 20 rounds; the ratio of medians gets a
 bootstrap CI that resamples whole rounds (see :mod:`sfedge.profile.stats`).
 :func:`measure_group` does the same for more than two configurations (the
 rank sweep), reversing the rotation every round.
+
+Each configuration runs in ``processes`` workers (3 by default), rotated
+A1 B1 A2 B2 A3 B3: two processes running the same artifact can differ by a
+few percent (where their memory landed, which core, code layout), a
+difference no within-process statistic sees; the CI resamples processes too.
+Only the worker being timed may run: the others are suspended between their
+blocks (an idle ONNX Runtime keeps its thread pool spinning), and each block
+starts with one untimed inference, so every sample is a warm, back-to-back
+inference like those of a long-running application.
 
 Needs numpy and psutil only; the runtimes are imported in the workers.
 """
@@ -57,9 +66,10 @@ class MeasureConfig:
     min_seconds: float = 1.0
     threads: int | None = None  # overrides each artifact's target threads
     block: int | None = None  # inferences per round in paired mode (None: about ROUND_SECONDS)
+    processes: int = 3  # worker processes per configuration (their differences enter the CI)
     confidence: float = 0.95
     resamples: int = 2000
-    sample_interval: float = 0.02  # RSS sampler period (s); the kernel high-water mark catches what it misses
+    sample_interval: float = 0.1  # RSS sampler period (s); the kernel high-water mark catches what it misses
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +81,8 @@ class MeasureConfig:
             raise ConfigError(f"confidence {self.confidence} is not in (0, 1)", "e.g. --confidence 0.95")
         if self.block is not None and self.block < 1:
             raise ConfigError("--block must be at least 1", "or leave it out to size blocks automatically")
+        if self.processes < 1:
+            raise ConfigError("--processes must be at least 1", "e.g. --processes 3 (1 on memory-tight devices)")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +137,8 @@ class Measurement:
     rounds: list[int]  # the round each sample belongs to (paired runs alternate rounds)
     memory: dict[str, Any]
     starts_s: list[float] = field(default_factory=list)  # when each timed inference started, s after the first one
+    process: list[int] = field(default_factory=list)  # which of the configuration's worker processes took each sample
+    per_process: list[dict[str, Any]] = field(default_factory=list)  # pid, load, first run, median, peak RSS
     versions: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     feed: str = ""
@@ -145,10 +159,19 @@ class Measurement:
 
         return float(np.median(self.samples_ms[-n:]) / np.median(self.samples_ms[:n]))
 
+    @property
+    def process_spread(self) -> float:
+        """(max - min) / median of the per-process medians: how much a fresh process changes the number."""
+        medians = [p["median_ms"] for p in self.per_process]
+        if len(medians) < 2:
+            return 0.0
+        return (max(medians) - min(medians)) / self.summary.median
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["summary"] = self.summary.as_dict()
         d["drift"] = self.drift
+        d["process_spread"] = self.process_spread
         return d
 
     @classmethod
@@ -179,9 +202,15 @@ class Pairing:
 
 # -- the worker process ------------------------------------------------------------
 class WorkerProcess:
-    """A ``python -m sfedge.profile.worker`` subprocess and its request/reply channel."""
+    """A ``python -m sfedge.profile.worker`` subprocess and its request/reply channel.
 
-    def __init__(self, subject: Subject, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    Between requests the process is suspended (SIGSTOP, or the platform's
+    equivalent through psutil) unless ``freeze=False``, so only the worker
+    being timed can use the CPU.
+    """
+
+    def __init__(self, subject: Subject, python: str = sys.executable, env: dict[str, str] | None = None,
+                 freeze: bool = True) -> None:
         self.subject = subject
         package_root = Path(sfedge.__file__).resolve().parent.parent
         environment = dict(os.environ if env is None else env)
@@ -194,9 +223,21 @@ class WorkerProcess:
             [python, "-m", "sfedge.profile.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, text=True, bufsize=1, env=environment,
         )
+        import psutil
+
+        self._ps = psutil.Process(self.proc.pid)
+        self.freeze = freeze
+        self._frozen = False
 
     def request(self, cmd: str, **params: Any) -> dict[str, Any]:
-        """Send one command and wait for its reply (SfedgeError naming the configuration on failure)."""
+        """Send one command and wait for its reply (SfedgeError naming the configuration on failure).
+
+        The worker is frozen again as soon as it has answered: an idle runtime
+        must not compete with the one being timed (ONNX Runtime's thread pool
+        keeps spinning after a run; on 2 cores three idle workers' spinning
+        made the measured one 40% slower).
+        """
+        self._resume()
         try:
             self.proc.stdin.write(json.dumps({"cmd": cmd, **params}) + "\n")
             self.proc.stdin.flush()
@@ -211,9 +252,26 @@ class WorkerProcess:
                 "run with --verbose; a crash while loading usually means the runtime does not support this artifact",
             )
         reply = json.loads(line)
+        if self.freeze:
+            self._suspend()
         if not reply.pop("ok", False):
             raise _worker_error(reply, self.subject.label, cmd)
         return reply
+
+    def _suspend(self) -> None:
+        try:
+            self._ps.suspend()
+            self._frozen = True
+        except Exception:  # psutil.Error (gone, no permission): timing continues unfrozen, as before
+            self.freeze = False
+
+    def _resume(self) -> None:
+        if self._frozen:
+            try:
+                self._ps.resume()
+            except Exception:  # the process is gone: the request below reports it
+                pass
+            self._frozen = False
 
     def stderr_tail(self, lines: int = 1) -> str:
         self._stderr.seek(0)
@@ -222,6 +280,7 @@ class WorkerProcess:
 
     def close(self) -> None:
         """Ask the worker to exit; kill it if it does not."""
+        self._resume()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write('{"cmd": "exit"}\n')
@@ -285,6 +344,7 @@ def measure_group(
         if i == baseline:
             continue
         ci = ratio_of_medians(m.samples_ms, base.samples_ms, candidate_rounds=m.rounds, baseline_rounds=base.rounds,
+                              candidate_processes=m.process, baseline_processes=base.process,
                               confidence=config.confidence, resamples=config.resamples, seed=config.seed)
         n_rounds = len(set(m.rounds))
         order = "ABBA" if len(subjects) == 2 else "rotating, reversed every round"
@@ -293,51 +353,64 @@ def measure_group(
 
 
 def _run(subjects: Sequence[Subject], config: MeasureConfig, progress: Progress | None) -> list[Measurement]:
+    """Load ``config.processes`` workers per subject, warm each up, then rotate blocks over all of them.
+
+    A round runs one block on every worker in the order A1 B1 A2 B2 ...,
+    reversed on odd rounds, so drift is shared and each configuration's
+    processes are spread over the round.
+    """
     say = progress or (lambda message, fraction=None: None)
-    workers = [WorkerProcess(s) for s in subjects]
+    slots = [(i, k) for k in range(config.processes) for i in range(len(subjects))]  # (subject, process), interleaved
+    workers = [WorkerProcess(subjects[i]) for i, _ in slots]
+    n = len(workers)
     try:
-        loaded = []
-        for w in workers:
-            say(f"loading {w.subject.label}", 0.0)
+        loaded, warm = [], []
+        for w, (_, k) in zip(workers, slots):
+            say(f"loading {w.subject.label} (process {k + 1}/{config.processes})", 0.0)
             threads = config.threads or w.subject.threads
             loaded.append(w.request("load", path=str(w.subject.path), backend=w.subject.backend, threads=threads,
                                     options=w.subject.options, input=str(w.subject.input) if w.subject.input else None,
                                     runner=w.subject.runner, sample_interval=config.sample_interval))
-        warm: list[list[float]] = []
         for w in workers:
             say(f"warming up {w.subject.label}", 0.0)
             reply = w.request("warmup", runs=config.warmup_runs, seconds=config.warmup_seconds)
             warm.append([ns / 1e6 for ns in reply["samples_ns"]])
-        paired = len(workers) > 1
         samples: list[list[float]] = [[] for _ in workers]
         rounds: list[list[int]] = [[] for _ in workers]
         starts: list[list[int]] = [[] for _ in workers]
+
+        def pooled(i: int) -> list[float]:
+            return [v for (j, _), s in zip(slots, samples) if j == i for v in s]
+
         r = 0
-        while not (all(len(s) >= config.runs and sum(s) / 1e3 >= config.min_seconds for s in samples)
-                   and (not paired or r >= MIN_ROUNDS)):
+        while not (all(len(p) >= config.runs and sum(p) / 1e3 >= config.min_seconds
+                       for p in map(pooled, range(len(subjects)))) and (n == 1 or r >= MIN_ROUNDS)):
             # Re-sized every round from what the run has seen so far (warm-up times can mislead).
             seen = samples if samples[0] else warm
-            block = config.block or _block_size(max(_median(ms) for ms in seen) / 1e3, config, paired)
-            order = range(len(workers)) if r % 2 == 0 else reversed(range(len(workers)))
-            for i in order:
-                reply = workers[i].request("run", count=block)
-                samples[i].extend(ns / 1e6 for ns in reply["samples_ns"])
-                rounds[i].extend([r] * len(reply["samples_ns"]))
-                starts[i].extend(reply["starts_ns"])
+            block = config.block or _block_size(max(_median(ms) for ms in seen) / 1e3, config, n > 1)
+            for j in (range(n) if r % 2 == 0 else reversed(range(n))):
+                reply = workers[j].request("run", count=block, rewarm=1 if n > 1 else 0)
+                samples[j].extend(ns / 1e6 for ns in reply["samples_ns"])
+                rounds[j].extend([r] * len(reply["samples_ns"]))
+                starts[j].extend(reply["starts_ns"])
             r += 1
-            done = min(min(len(s) / config.runs, (sum(s) / 1e3 / config.min_seconds) if config.min_seconds else 1.0)
-                       for s in samples)
-            say(f"measuring {' vs '.join(w.subject.label for w in workers)}", min(1.0, done))
+            done = min(min(len(p) / config.runs, (sum(p) / 1e3 / config.min_seconds) if config.min_seconds else 1.0)
+                       for p in map(pooled, range(len(subjects))))
+            if n > 1:
+                done = min(done, r / MIN_ROUNDS)
+            say(f"measuring {' vs '.join(s.label for s in subjects)}", min(1.0, done))
         memory = [w.request("memory") for w in workers]
     finally:
         for w in workers:
             w.close()
     origin = min(st[0] for st in starts)
-    measurements = [_measurement(w.subject, config, ld, wm, s, rd, mem)
-                    for w, ld, wm, s, rd, mem in zip(workers, loaded, warm, samples, rounds, memory)]
-    for m, st in zip(measurements, starts):
-        m.starts_s = [round((t - origin) / 1e9, 7) for t in st]
-    return measurements
+    out = []
+    for i, subject in enumerate(subjects):
+        mine = [j for j, (si, _) in enumerate(slots) if si == i]
+        out.append(_measurement(subject, config, [loaded[j] for j in mine], [warm[j] for j in mine],
+                                [samples[j] for j in mine], [rounds[j] for j in mine],
+                                [[(t - origin) / 1e9 for t in starts[j]] for j in mine], [memory[j] for j in mine]))
+    return out
 
 
 def _median(values: Sequence[float]) -> float:
@@ -346,32 +419,48 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _block_size(seconds_per_run: float, config: MeasureConfig, paired: bool) -> int:
-    """Inferences per round: about ROUND_SECONDS when paired (0.2 s chunks when single), in at least MIN_ROUNDS rounds.
+def _block_size(seconds_per_run: float, config: MeasureConfig, rotating: bool) -> int:
+    """Inferences per block: about ROUND_SECONDS when rotating over workers (0.2 s chunks for one), >= MIN_ROUNDS rounds.
 
-    Paired rounds must be short, so drift is shared between A and B, and
-    many, because the bootstrap resamples rounds; but not single inferences
-    for fast models, where switching processes (cold caches, IPC) would weigh.
+    Rounds must be short, so drift is shared between A and B, and many,
+    because the bootstrap resamples rounds; but not single inferences for
+    fast models, where switching processes (cold caches, IPC) would weigh.
     """
     per_run = max(seconds_per_run, 1e-6)
-    if not paired:
+    if not rotating:
         return max(1, round(0.2 / per_run))
-    expected = max(config.runs, math.ceil(config.min_seconds / per_run))
-    return max(1, min(round(ROUND_SECONDS / per_run), expected // MIN_ROUNDS))
+    expected = max(config.runs, math.ceil(config.min_seconds / per_run)) / config.processes  # per process
+    return max(1, min(round(ROUND_SECONDS / per_run), int(expected // MIN_ROUNDS)))
 
 
-def _measurement(subject: Subject, config: MeasureConfig, loaded: dict, warm: list[float], samples: list[float],
-                 rounds: list[int], memory: dict) -> Measurement:
-    runtime = memory.pop("runtime", {})
-    mem = {k: loaded[k] for k in ("rss_start", "rss_before_load", "rss_after_load", "rss_after_first")}
-    mem.update(memory)
+def _measurement(subject: Subject, config: MeasureConfig, loaded: list[dict], warm: list[list[float]],
+                 samples: list[list[float]], rounds: list[list[int]], starts: list[list[float]],
+                 memory: list[dict]) -> Measurement:
+    """One configuration's processes merged: samples pooled in time order; load and memory of the first process.
+
+    The first process loads from a cold page cache, as a device would after
+    boot; the others' figures are kept in ``per_process``.
+    """
+    rows = sorted((t, v, r, k) for k, (ts, vs, rs) in enumerate(zip(starts, samples, rounds))
+                  for t, v, r in zip(ts, vs, rs))
+    first = loaded[0]
+    runtime = memory[0].get("runtime", {})
+    mem = {key: first[key] for key in ("rss_start", "rss_before_load", "rss_after_load", "rss_after_first")}
+    mem.update({key: v for key, v in memory[0].items() if key != "runtime"})
     mem["runtime"] = runtime
+    per_process = [
+        {"pid": ld.get("pid"), "load_ms": ld["load_ms"], "first_ms": ld["first_ms"],
+         "median_ms": _median(vs) if vs else None, "n": len(vs), "peak_rss_steady": mm.get("peak_rss_steady")}
+        for ld, vs, mm in zip(loaded, samples, memory)
+    ]
     m = Measurement(
         label=subject.label, model=subject.model, backend=subject.backend, precision=subject.precision,
         artifact=str(subject.path), artifact_bytes=subject.size_bytes, threads=config.threads or subject.threads,
-        import_ms=loaded["import_ms"], load_ms=loaded["load_ms"], first_ms=loaded["first_ms"], warmup_ms=warm,
-        samples_ms=samples, rounds=rounds, memory=mem, versions=loaded.get("versions", {}), inputs=loaded["inputs"],
-        feed=loaded["feed"], meta=dict(subject.meta),
+        import_ms=first["import_ms"], load_ms=first["load_ms"], first_ms=first["first_ms"],
+        warmup_ms=[v for w in warm for v in w], samples_ms=[v for _, v, _, _ in rows],
+        rounds=[r for _, _, r, _ in rows], memory=mem, starts_s=[round(t, 7) for t, _, _, _ in rows],
+        process=[k for _, _, _, k in rows], per_process=per_process, versions=first.get("versions", {}),
+        inputs=first["inputs"], feed=first["feed"], meta=dict(subject.meta),
     )
     m.notes.extend(memory_notes(subject.backend, runtime))
     return m

@@ -7,7 +7,9 @@ keeps its JSON, CSV and Markdown.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,9 @@ MISSING_NOTE = "matplotlib is not installed here, so no plots were drawn (pip in
 MIB = 1024 * 1024
 
 
+_LOCK = threading.Lock()  # pyplot is not thread-safe; remote profiling writes several hosts' reports at once
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -33,6 +38,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _serialised(draw: Callable[..., str | None]) -> Callable[..., str | None]:
+    @functools.wraps(draw)
+    def locked(*args: Any, **kwargs: Any) -> str | None:
+        with _LOCK:
+            return draw(*args, **kwargs)
+
+    return locked
+
+
+@_serialised
 def write_report_plots(report: Report, folder: Path) -> str | None:
     """latency.png, speedup.png (when paired) and memory.png into ``folder``; a note if matplotlib is missing."""
     try:
@@ -115,6 +130,7 @@ def _memory(plt: Any, report: Report, path: Path) -> None:
     plt.close(fig)
 
 
+@_serialised
 def plot_compare(pairs: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]], path: Path) -> str | None:
     """One figure for several devices: paired speedups (with CIs) and median latency per configuration."""
     try:
@@ -162,6 +178,7 @@ def _pair_name(row: dict[str, Any]) -> str:
     return f"{row['candidate']} vs {row['baseline']}"
 
 
+@_serialised
 def plot_sweep(points: Sequence[dict[str, Any]], path: Path, title: str) -> str | None:
     """Latency against parity (and against held-out Dice where present), Pareto front drawn as a step line."""
     try:

@@ -5,9 +5,8 @@ The system ``ssh`` and ``scp`` are used as they are, so the user's
 KEY=VALUE`` adds ``-o KEY=VALUE`` to both.  For each host:
 
 1. probe: which Python, whether sfedge, numpy, psutil, rich and the runtimes
-   the bundles need are importable there (found by ``importlib`` spec lookup,
-   so no runtime is started: creating TensorRT objects on a GPU-less host can
-   crash the process);
+   the bundles need import there (imported, not started: creating TensorRT
+   objects on a GPU-less host can crash the process, importing it cannot);
 2. if something is missing, stop with the exact pip command, or with
    ``install=True`` copy this sfedge over as a wheel and pip-install it with
    only the runtimes the bundles need;
@@ -50,22 +49,25 @@ RUNTIME_REQUIREMENTS = {
 }
 RUNTIME_MODULES = {
     "onnxruntime": ("onnxruntime",),
-    "tflite": ("ai_edge_litert", "tflite_runtime"),
+    "tflite": ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"),  # either interpreter will do
     "tensorrt": ("tensorrt",),
     "pytorch": ("torch",),
 }
 CORE_MODULES = ("numpy", "psutil", "rich")
 
-# Runs on the remote with any Python >= 3.8; prints one JSON line.  Spec lookup only: nothing heavy is imported.
+# Runs on the remote with any Python >= 3.8; prints one JSON line.  It really imports the modules asked for (only
+# the runtimes the bundles need): a wheel that is present but broken must count as missing.  Importing tensorrt
+# is safe on a GPU-less host; constructing its objects is what crashes, and the probe constructs nothing.
 PROBE = r"""
-import importlib.util, json, platform, sys
-def found(name):
+import importlib, json, platform, sys
+def imports(name):
     try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
+        importlib.import_module(name)
+        return True
+    except Exception:
         return False
 out = {"python": sys.version.split()[0], "executable": sys.executable, "machine": platform.machine(),
-       "modules": {m: found(m) for m in %s}}
+       "modules": {m: imports(m) for m in %s}}
 try:
     import sfedge
     out["sfedge"] = sfedge.__version__
@@ -149,9 +151,9 @@ def _remote_path_arg(path: str) -> str:
     return shlex.quote(path)
 
 
-def probe_host(host: str, options: RemoteOptions) -> dict[str, Any]:
-    """What the remote Python can import (sfedge version, core modules, runtimes)."""
-    modules = sorted({*CORE_MODULES, *(m for ms in RUNTIME_MODULES.values() for m in ms)})
+def probe_host(host: str, options: RemoteOptions, backends: Sequence[str] = ()) -> dict[str, Any]:
+    """What the remote Python can import: sfedge (and its version), the core modules, the runtimes of ``backends``."""
+    modules = sorted({*CORE_MODULES, *(m for b in backends for m in RUNTIME_MODULES.get(b, ()))})
     script = PROBE % json.dumps(modules)
     out = _Host(host, options).ssh(f"{_remote_path_arg(options.python)} -c {shlex.quote(script)}",
                                    f"probing {options.python}", timeout=120)
@@ -256,7 +258,7 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
                  result: RemoteResult, say: Progress) -> None:
     remote = _Host(host, options)
     say("probing", 0.05)
-    result.probe = probe_host(host, options)
+    result.probe = probe_host(host, options, backends)
     missing = missing_requirements(result.probe, backends)
     if missing.blocking:
         raise RemoteError(f"{host}: {missing.blocking[0]}")
@@ -283,7 +285,7 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
             argv += ["--backend", backend]
         argv += ["--warmup-runs", str(config.warmup_runs), "--warmup-seconds", str(config.warmup_seconds),
                  "--runs", str(config.runs), "--min-seconds", str(config.min_seconds),
-                 "--confidence", str(config.confidence)]
+                 "--confidence", str(config.confidence), "--processes", str(config.processes)]
         if config.threads:
             argv += ["--threads", str(config.threads)]
         if config.block:

@@ -121,8 +121,10 @@ class Report:
             f"# sfedge profile: {self.device}", "",
             f"{self.created} · {h.get('cpu') or h.get('machine')} · {h.get('cpu_count')} cores · "
             f"{h.get('platform')} · sfedge {h.get('sfedge')}", "",
-            f"Warm-up ≥ {self.config.get('warmup_runs')} runs and {self.config.get('warmup_seconds')} s; "
-            f"measured ≥ {self.config.get('runs')} runs and {self.config.get('min_seconds')} s per configuration.", "",
+            f"Warm-up ≥ {self.config.get('warmup_runs')} runs and {self.config.get('warmup_seconds')} s per process; "
+            f"measured ≥ {self.config.get('runs')} runs and {self.config.get('min_seconds')} s per configuration, "
+            f"in {self.config.get('processes', 1)} worker processes each (rotated, so their differences enter the "
+            "CIs).", "",
         ]
         if self.pairings:
             lines += ["## Paired comparisons (alternating A B B A ...)", ""]
@@ -135,11 +137,15 @@ class Report:
             lines.append("")
         lines += ["## Latency (ms)", ""]
         lines += markdown_table(
-            ["configuration", "n", "min", "median", "mean", "p90", "p99", "std", "CV", "load ms", "first ms"],
+            ["configuration", "n", "min", "median", "mean", "p90", "p99", "std", "CV", "process spread", "load ms",
+             "first ms"],
             [[r["label"], r["n"], f"{r['min_ms']:.3f}", f"{r['median_ms']:.3f}", f"{r['mean_ms']:.3f}",
               f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['std_ms']:.3f}",
-              f"{r['cv']:.1%}" + (" ⚠" if r["cv"] > CV_WARNING else ""), f"{r['load_ms']:.1f}", f"{r['first_ms']:.1f}"]
+              f"{r['cv']:.1%}" + (" ⚠" if r["cv"] > CV_WARNING else ""), f"{r['process_spread']:.1%}",
+              f"{r['load_ms']:.1f}", f"{r['first_ms']:.1f}"]
              for r in summary_rows(self)])
+        lines += ["", "Process spread: (max - min) / median of the per-process medians. Load and first-run times "
+                  "are the first process's (cold page cache)."]
         lines += ["", "## Memory", ""]
         lines += markdown_table(
             ["configuration", "artifact", "RSS before load", "after load", "after 1st run", "peak (sampled)",
@@ -192,7 +198,8 @@ def summary_rows(report: Report) -> list[dict[str, Any]]:
             "device": report.device, "label": m.label, "model": m.model, "backend": m.backend,
             "precision": m.precision, "threads": m.threads, "n": s.n, "min_ms": s.min, "mean_ms": s.mean,
             "median_ms": s.median, "p90_ms": s.p90, "p99_ms": s.p99, "max_ms": s.max, "std_ms": s.std, "cv": s.cv,
-            "drift": m.drift, "import_ms": m.import_ms, "load_ms": m.load_ms, "first_ms": m.first_ms,
+            "drift": m.drift, "processes": len(m.per_process) or 1, "process_spread": m.process_spread,
+            "import_ms": m.import_ms, "load_ms": m.load_ms, "first_ms": m.first_ms,
             "rss_before_load": mem.get("rss_before_load"), "rss_after_load": mem.get("rss_after_load"),
             "rss_after_first": mem.get("rss_after_first"), "peak_rss_steady": mem.get("peak_rss_steady"),
             "peak_rss_lifetime": mem.get("peak_rss_lifetime"), "artifact_bytes": m.artifact_bytes,

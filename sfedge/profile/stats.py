@@ -109,6 +109,8 @@ def ratio_of_medians(
     *,
     candidate_rounds: Any = None,
     baseline_rounds: Any = None,
+    candidate_processes: Any = None,
+    baseline_processes: Any = None,
     confidence: float = 0.95,
     resamples: int = 2000,
     seed: int = 0,
@@ -117,8 +119,12 @@ def ratio_of_medians(
 
     With ``*_rounds`` (the round index of every sample from a paired run) the
     bootstrap draws rounds with replacement and takes every A and B sample of
-    each drawn round, which keeps the pairing; without them it resamples A and
-    B independently (for two unpaired runs, where drift is not controlled).
+    each drawn round, which keeps the pairing.  With ``*_processes`` too (which
+    worker process of its configuration took each sample) it also draws each
+    side's processes with replacement: two processes running the same
+    artifact differ by a few percent (memory placement, core, layout), and a
+    CI that ignored this would claim differences no rerun reproduces.
+    Without rounds it resamples A and B independently (two unpaired runs).
     """
     a = np.asarray(candidate, dtype=np.float64).ravel()
     b = np.asarray(baseline, dtype=np.float64).ravel()
@@ -130,14 +136,21 @@ def ratio_of_medians(
     ratio = float(np.median(a) / np.median(b))
     paired = candidate_rounds is not None and baseline_rounds is not None
     if paired:
-        ra, rb = np.asarray(candidate_rounds).ravel(), np.asarray(baseline_rounds).ravel()
-        if ra.size != a.size or rb.size != b.size:
-            raise ValueError("one round index per sample is needed")
-        rounds = np.intersect1d(np.unique(ra), np.unique(rb))
-        if rounds.size < 2:
-            paired = False
+        ra, rb = _ids(candidate_rounds, a), _ids(baseline_rounds, b)
+        rounds = np.intersect1d(ra, rb)
+        paired = rounds.size >= 2
     if paired:
-        boot = _paired_bootstrap(a, ra, b, rb, rounds, resamples, rng)
+        keep_a, keep_b = np.isin(ra, rounds), np.isin(rb, rounds)  # a round only one side finished cannot be drawn
+        round_counts = _draws(rng, rounds.size, resamples)
+        groups_a = [(np.searchsorted(rounds, ra[keep_a]), round_counts)]
+        groups_b = [(np.searchsorted(rounds, rb[keep_b]), round_counts)]
+        for ids, keep, groups in ((candidate_processes, keep_a, groups_a), (baseline_processes, keep_b, groups_b)):
+            if ids is not None:
+                procs = _ids(ids, a if groups is groups_a else b)[keep]
+                values, index = np.unique(procs, return_inverse=True)
+                if values.size > 1:  # P-1 draws out of P: an unbiased variance for few processes (see _draws)
+                    groups.append((index, _draws(rng, values.size, resamples, values.size - 1)))
+        boot = _bootstrap_medians(a[keep_a], groups_a) / _bootstrap_medians(b[keep_b], groups_b)
         blocks = int(rounds.size)
     else:
         ma = np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)
@@ -149,35 +162,52 @@ def ratio_of_medians(
     return RatioCI(ratio, min(low, ratio), max(high, ratio), confidence, resamples, blocks, paired)
 
 
-def _paired_bootstrap(
-    a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, rounds: np.ndarray, resamples: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Bootstrap ratios of medians drawing whole rounds (rounds may hold different sample counts)."""
-    counts = rng.multinomial(rounds.size, np.full(rounds.size, 1.0 / rounds.size), size=resamples)
-    ka, kb = np.isin(ra, rounds), np.isin(rb, rounds)  # a round only one side finished cannot be drawn
-    return _weighted_medians(a[ka], ra[ka], rounds, counts) / _weighted_medians(b[kb], rb[kb], rounds, counts)
+def _ids(ids: Any, samples: np.ndarray) -> np.ndarray:
+    out = np.asarray(ids).ravel()
+    if out.size != samples.size:
+        raise ValueError("one round (and process) index per sample is needed")
+    return out
 
 
-def _weighted_medians(x: np.ndarray, rx: np.ndarray, rounds: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """np.median of the multiset "round j's samples, counts[i, j] times" for every row i, without building it.
+def _draws(rng: np.random.Generator, n: int, resamples: int, m: int | None = None) -> np.ndarray:
+    """How often each of ``n`` units is drawn when ``m`` (default ``n``) are drawn per resample (``resamples`` x ``n``).
 
-    Sort the samples once; a resample gives each sample the weight of its
-    round, and the median's middle elements are where the cumulative weight
-    passes (T-1)//2 and T//2 (numpy averages the two for an even total).
+    Drawing n of n understates the spread between few units by (n-1)/n (a
+    factor 2 for two processes); drawing n-1 of n makes the bootstrap variance
+    of their mean effect unbiased, which matters for 2-3 processes.
+    """
+    return rng.multinomial(n if m is None else m, np.full(n, 1.0 / n), size=resamples)
+
+
+def _bootstrap_medians(x: np.ndarray, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Medians of every bootstrap resample without building it: each sample weighs the product of its units' draws.
+
+    ``groups``: (unit index of every sample, draws per resample and unit),
+    e.g. rounds and processes.  Sort the samples once; with the weights, the
+    median's middle elements are where the cumulative weight passes (T-1)//2
+    and T//2 (numpy averages the two for an even total).  An all-zero resample
+    (possible when units are crossed) falls back to the plain median.
     """
     order = np.argsort(x, kind="stable")
     xs = x[order]
-    col = np.searchsorted(rounds, rx[order])
-    out = np.empty(counts.shape[0])
+    cols = [(index[order], draws) for index, draws in groups]
+    n = groups[0][1].shape[0]
+    out = np.empty(n)
     chunk = max(1, 4_000_000 // max(1, xs.size))  # bound memory on small devices
-    for start in range(0, counts.shape[0], chunk):
-        w = counts[start:start + chunk][:, col]
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        w = np.ones((stop - start, xs.size), dtype=np.int64)
+        for col, draws in cols:
+            w *= draws[start:stop][:, col]
         cum = np.cumsum(w, axis=1)
         total = cum[:, -1]
+        empty = total == 0
+        total = np.where(empty, 1, total)
         lo = np.argmax(cum > ((total - 1) // 2)[:, None], axis=1)
         hi = np.argmax(cum > (total // 2)[:, None], axis=1)
-        out[start:start + chunk] = (xs[lo] + xs[hi]) / 2
+        med = (xs[lo] + xs[hi]) / 2
+        med[empty] = np.median(xs)
+        out[start:stop] = med
     return out
 
 

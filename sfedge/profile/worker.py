@@ -1,4 +1,4 @@
-"""The profiling worker: one process per measured configuration, driven over JSON lines.
+"""The profiling worker: one process per measured configuration (and replica), driven over JSON lines.
 
 ``python -m sfedge.profile.worker`` reads one JSON request per line on stdin
 and answers with one JSON line.  Each worker loads its runner once, so its
@@ -69,7 +69,7 @@ class Worker:
 
     # -- commands ---------------------------------------------------------------
     def load(self, path: str, backend: str | None = None, threads: int | None = None, options: dict | None = None,
-             input: str | None = None, runner: str | None = None, sample_interval: float = 0.02) -> dict[str, Any]:
+             input: str | None = None, runner: str | None = None, sample_interval: float = 0.1) -> dict[str, Any]:
         """Create the runner, load it, build the feed and time the first inference; start the RSS sampler."""
         rss_start = rss_bytes()
         start = time.perf_counter_ns()
@@ -125,8 +125,16 @@ class Worker:
             total += durations[0]
         return {"samples_ns": samples}
 
-    def run(self, count: int) -> dict[str, Any]:
-        """Time ``count`` inferences back to back; also when each started (perf_counter_ns, for alternation checks)."""
+    def run(self, count: int, rewarm: int = 0) -> dict[str, Any]:
+        """Time ``count`` inferences back to back after ``rewarm`` untimed ones; also when each started.
+
+        ``rewarm``: a worker resumed after another one ran finds its caches
+        and thread pool cold; the parent asks for one untimed inference per
+        block so the samples are steady-state, back-to-back inferences.
+        Start times are perf_counter_ns, for checking the alternation.
+        """
+        for _ in range(int(rewarm)):
+            self.runner.infer(self.feed)
         durations, starts = self._timed(int(count))
         return {"samples_ns": durations, "starts_ns": starts}
 

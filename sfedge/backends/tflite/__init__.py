@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from sfedge.backends.base import Artifact, ModelSource, check_parity
+from sfedge.backends.tflite.ops import OpReport, op_report
 from sfedge.backends.tflite.runner import TFLiteRunner
 from sfedge.errors import UnknownNameError
 
-__all__ = ["RUNNER", "TFLiteRunner", "make", "PRECISIONS", "tflite_layout", "float_tflite"]
+__all__ = ["RUNNER", "TFLiteRunner", "make", "PRECISIONS", "tflite_layout", "float_tflite", "op_report", "OpReport"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 RUNNER = TFLiteRunner
@@ -99,7 +100,6 @@ def make(
     tolerance and ExportError for Flex ops.
     """
     from sfedge.backends.tflite.convert import cast_weights_fp16
-    from sfedge.backends.tflite.ops import op_report
     from sfedge.backends.tflite.quantize import NMF_SCOPE, LayerNamer, module_call_order, quantize_tflite, scope_layers
     from sfedge.fileio import write_json
     from sfedge.parity import compare_outputs

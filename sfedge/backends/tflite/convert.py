@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,8 @@ def convert_float(
     return path
 
 
-def cast_weights_fp16(float_path: str | os.PathLike[str], path: str | os.PathLike[str], keep_float: list[str] = ()) -> list[dict]:
+def cast_weights_fp16(float_path: str | os.PathLike[str], path: str | os.PathLike[str],
+                      keep_float: Sequence[str] = ()) -> list[dict]:
     """Write ``float_path`` with its conv / fully-connected weights stored as fp16; returns the recipe used.
 
     This is the standard TFLite fp16 model (fp16 constants + DEQUANTIZE to

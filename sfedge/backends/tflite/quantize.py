@@ -43,6 +43,7 @@ import contextlib
 import io
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,9 +282,11 @@ def build_recipe(precision: str, keep_float: Sequence[str] = (), activation_bits
 
 
 @contextlib.contextmanager
-def _no_tqdm() -> Any:
-    # The quantizer draws tqdm bars on stderr; the CLI shows its own progress.
-    with contextlib.redirect_stderr(io.StringIO()):
+def _quiet() -> Any:
+    # The quantizer draws tqdm bars on stderr and its calibrator warns that it keeps every tensor (it must);
+    # the CLI shows its own progress.
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
         yield
 
 
@@ -295,7 +298,7 @@ def calibrate(float_path: str | os.PathLike[str], samples: list[dict[str, Any]],
     if not samples:
         raise CalibrationError("the calibration split is empty", "give a calibration set with at least one sample")
     q = quantizer.Quantizer(str(float_path), recipe)
-    with _no_tqdm():
+    with _quiet():
         return q.calibrate({signature: samples}, num_threads=max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -305,7 +308,7 @@ def write_quantized(float_path: str | os.PathLike[str], path: str | os.PathLike[
     from ai_edge_quantizer import quantizer
 
     q = quantizer.Quantizer(str(float_path), recipe)
-    with _no_tqdm():
+    with _quiet():
         result = q.quantize(qsvs if q.need_calibration else None, enable_progress_report=False)
     with atomic_path(path) as tmp:
         tmp.write_bytes(bytes(result.quantized_model))
@@ -424,6 +427,8 @@ def quantize_tflite(
     chosen: list[Layer] = []
     for layer, _ in ranked[:budget]:
         chosen.append(layer)
+        if chosen == first:  # already tried above
+            continue
         if progress:
             progress(f"mixed precision: {len(chosen)} layer(s) float", len(chosen) / budget)
         parity = attempt([rx for c in chosen for rx in c.regexes], activation_bits or 8,
