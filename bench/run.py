@@ -17,10 +17,10 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-SECTIONS = ("models", "onnx_qdq", "tflite", "profile", "fidelity")
+SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "fidelity")
 HERE = Path(__file__).resolve().parent
 
 
@@ -61,7 +61,7 @@ def main() -> int:
     parts = [
         "# sfedge benchmark report",
         "",
-        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()} "
+        f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} on {platform.node()} "
         f"({platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}). "
         "Absolute times drift on shared machines: compare the side-by-side ratios and medians.",
         "",

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ def _manifest(ckpt: Any, source: ModelSource, target: Target, precision: str, ca
     return {
         "schema": SCHEMA,
         "sfedge_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_key": key,
         "model": {
             "name": ckpt.name, "family": _family(ckpt.name), "conv": ckpt.config.get("conv"), "s": ckpt.config.get("s"),

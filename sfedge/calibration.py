@@ -107,7 +107,7 @@ class CalibrationSet:
         for i in range(0, len(data), batch):
             yield data[i : i + batch]
 
-    def onnx_reader(self, input_name: str, split: str = "calibration") -> "OnnxCalibrationReader":
+    def onnx_reader(self, input_name: str, split: str = "calibration") -> OnnxCalibrationReader:
         """An onnxruntime ``CalibrationDataReader`` over this set (one sample per call)."""
         return OnnxCalibrationReader(self, input_name, split)
 

@@ -39,6 +39,6 @@ def demo_checkpoints(
     for name, cfg in DEMO_MODELS.items():
         if on_start:
             on_start(name)
-        ckpt, _ = train_or_load(name, cfg, folder, DEMO_TRAIN, (lambda s, l, n=name: progress(n, s, l)) if progress else None)
+        ckpt, _ = train_or_load(name, cfg, folder, DEMO_TRAIN, (lambda s, loss, n=name: progress(n, s, loss)) if progress else None)
         out[name] = ckpt.path
     return out

@@ -57,7 +57,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         try:
             return cls(channels=int(d["channels"]), mean=tuple(map(float, d["mean"])), std=tuple(map(float, d["std"])))
         except (KeyError, TypeError, ValueError) as e:

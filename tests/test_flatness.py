@@ -27,13 +27,13 @@ def test_optimising_the_regularizer_lowers_every_layers_kl(mode: str) -> None:
     torch.manual_seed(0)
     model = create_model("unet-sfconv", widths=[8, 16], s=0.5)
     layers = [m for m in model.modules() if m.__class__.__name__ == "SFConv2d"]
-    before = [float(layer_flatness_loss(m, mode)) for m in layers]
+    before = [float(layer_flatness_loss(m, mode).detach()) for m in layers]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(20):
         opt.zero_grad()
         flatness_loss(model, weight=1.0, mode=mode).backward()
         opt.step()
-    after = [float(layer_flatness_loss(m, mode)) for m in layers]
+    after = [float(layer_flatness_loss(m, mode).detach()) for m in layers]
     assert all(a < b for a, b in zip(after, before)), list(zip(before, after))
 
 

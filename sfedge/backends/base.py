@@ -51,7 +51,7 @@ class TensorSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         return cls(**d)
 
 
@@ -91,7 +91,7 @@ class Artifact:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], base: Path | None = None) -> "Artifact":
+    def from_dict(cls, d: dict[str, Any], base: Path | None = None) -> Artifact:
         def ab(p: str) -> Path:
             return (base / p) if base is not None else Path(p)
 
@@ -131,7 +131,7 @@ class ModelSource:
         return self._reference[key]
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any, input_size: tuple[int, int] | list[int]) -> "ModelSource":
+    def from_checkpoint(cls, ckpt: Any, input_size: tuple[int, int] | list[int]) -> ModelSource:
         """Source for a loaded :class:`sfedge.checkpoint.Checkpoint` at the target's ``input_size`` (H, W).
 
         Models with a fixed input size (the Factorizer's positional embedding)
@@ -221,7 +221,7 @@ class Runner(abc.ABC):
                 feed[spec.name] = rng.standard_normal(spec.shape).astype(dt)
         return feed
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         if not self.loaded:
             self.load()
             self.loaded = True

@@ -88,11 +88,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _profile(results: list, report_dir: Path, quiet: bool) -> dict:
-    """Paired SFConv-vs-vanilla profile of the host-cpu bundles (every artifact, every precision)."""
-    from sfedge.profile.api import profile_pairs
+    """Paired SFConv-vs-vanilla profile of the host-cpu bundles: every artifact (ONNX Runtime, TFLite), every precision."""
+    from sfedge.console import err_console
+    from sfedge.profile.measure import MeasureConfig, pair_up, profile_subjects, subjects_from
+    from sfedge.profile.report import Report, pair_rows
 
     host = {(r.bundle.model_name, r.bundle.precision): r.path for r in results if r.bundle.target_name == "host-cpu"}
-    pairs = [(host[("unet-sfconv", p)], host[("unet", p)]) for p in HOST_PRECISIONS
-             if ("unet-sfconv", p) in host and ("unet", p) in host]
-    report = profile_pairs(pairs, out=report_dir, show=not quiet)
-    return {"report": str(report_dir), "summary": report}
+    pairs = []
+    for p in HOST_PRECISIONS:
+        if ("unet-sfconv", p) in host and ("unet", p) in host:
+            pairs += pair_up(subjects_from(host[("unet-sfconv", p)]), subjects_from(host[("unet", p)]))
+    config = MeasureConfig()
+    with progress_bar("profile (SFConv vs vanilla, paired)", enabled=not quiet) as bar:
+        measurements, pairings = profile_subjects([], pairs, config, bar)
+    report = Report.create(measurements, pairings, config)
+    report.write(report_dir, plots=True)
+    if not quiet:
+        for t in report.tables():
+            console.print(t)
+        for note in report.notes:
+            err_console.print(f"[yellow]note:[/] {note}")
+        console.print(f"profile report (JSON, CSV, Markdown, PNG): {report_dir}")
+    return {"report": str(report_dir), "pairs": pair_rows(report)}

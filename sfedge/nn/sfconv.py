@@ -145,7 +145,7 @@ class SFConv2d(nn.Module):
 
     # -- conversions ---------------------------------------------------------
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, s: float | None = None, rank: int | None = None) -> "SFConv2d":
+    def from_dense(cls, conv: nn.Conv2d, *, s: float | None = None, rank: int | None = None) -> SFConv2d:
         """Initialise from a dense conv by truncated SVD (the best rank-r approximation).
 
         The SVD factors are split evenly (P = U sqrt(S), Q = sqrt(S) V^T) and

@@ -70,8 +70,11 @@ def _quiet_litert_torch(show: bool) -> Iterator[None]:
 
 
 def _import_litert_torch():
+    from sfedge.backends.tflite.quiet import native_stderr_silenced
+
     try:
-        import litert_torch
+        with native_stderr_silenced():
+            import litert_torch
     except ImportError:
         raise BackendUnavailable(
             "litert-torch is not installed, so torch models cannot be converted to .tflite here",

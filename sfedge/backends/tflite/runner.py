@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from sfedge.backends.base import Runner, TensorSpec
-from sfedge.errors import BackendUnavailable, ConfigError
+from sfedge.errors import BackendUnavailable, ConfigError, ExportError
 
 __all__ = ["TFLiteRunner", "INTERPRETERS", "interpreter_class", "guess_layout"]
 
@@ -86,10 +86,14 @@ class TFLiteRunner(Runner):
         kwargs: dict[str, Any] = {"model_path": str(self.path)}
         if self.threads:
             kwargs["num_threads"] = int(self.threads)
+        from sfedge.backends.tflite.quiet import native_stderr_silenced
+
         try:
-            self._interp = cls(**kwargs)
+            with native_stderr_silenced():
+                self._interp = cls(**kwargs)
         except ValueError as e:
-            raise BackendUnavailable(f"{self.runtime} cannot load {self.path.name}: {e}", "check the op report (sfedge ops)") from None
+            raise ExportError(f"{self.runtime} cannot load {self.path.name}: {str(e).splitlines()[0]}",
+                              "the file is corrupt or uses ops this runtime lacks; see `sfedge inspect` on it") from None
         signatures = self._interp.get_signature_list()
         if not signatures:
             raise BackendUnavailable(

@@ -8,7 +8,7 @@
   (truncated SVD, then a short fine-tune on the fundus demo), built for
   host-cpu and measured in one rotating run per backend.
 
-    python bench/profile.py --out reports/bench     (or: make bench)
+    python bench/profiler.py --out reports/bench     (or: make bench)
 """
 
 from __future__ import annotations
@@ -17,21 +17,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-
-def _stand_in_for_stdlib_profile() -> None:
-    """bench/ is first on sys.path when the bench runs, so this file shadows the standard library's ``profile``,
-    which ``cProfile`` (imported by torch._dynamo) reads ``runctx`` and ``_Utils`` from: provide them."""
-    import importlib.util
-    import sysconfig
-
-    spec = importlib.util.spec_from_file_location("_stdlib_profile", Path(sysconfig.get_paths()["stdlib"]) / "profile.py")
-    std = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(std)
-    globals().update(runctx=std.runctx, _Utils=std._Utils, Profile=std.Profile)
-
-
-_stand_in_for_stdlib_profile()
 
 S_VALUES = (1.0, 0.5, 0.25, 0.125)
 FINETUNE_STEPS = 200
