@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 from sfedge import __version__
 from sfedge.errors import SfedgeError
@@ -78,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # torch, litert-torch and jax warn about their own deprecations on every conversion; not the user's concern.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|litert_torch|jax|ai_edge_quantizer)\b.*")
+    else:
+        os.environ["SFEDGE_VERBOSE"] = "1"
     try:
         return int(args.func(args) or 0)
     except SfedgeError as e:

@@ -59,7 +59,7 @@ def test_from_dense_is_the_best_rank_r_approximation() -> None:
     sv = torch.linalg.svdvals(w.double())
     for r in (2, 5, 9):
         folded = SFConv2d.from_dense(conv, rank=r).dense_weight()
-        err = float((folded - conv.weight).double().norm())
+        err = float((folded - conv.weight).detach().double().norm())
         assert err == pytest.approx(float(sv[r:].norm()), rel=1e-4)
 
 

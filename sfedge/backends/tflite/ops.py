@@ -181,7 +181,10 @@ def _xnnpack_delegation(path: Path, n_ops: int) -> tuple[list[bool] | None, str]
     except ImportError:
         return None, "ai-edge-litert is not installed"
     try:
-        interp = Interpreter(model_path=str(path), num_threads=1, experimental_disable_delegate_node_fusion=True)
+        from sfedge.backends.tflite.quiet import native_stderr_silenced
+
+        with native_stderr_silenced():
+            interp = Interpreter(model_path=str(path), num_threads=1, experimental_disable_delegate_node_fusion=True)
         interp.allocate_tensors()
         nodes = interp._get_ops_details()  # nodes 0..n-1 are the file's ops; DELEGATE nodes follow
     except Exception as e:  # unresolved ops fail at load or allocation

@@ -285,7 +285,9 @@ def build_recipe(precision: str, keep_float: Sequence[str] = (), activation_bits
 def _quiet() -> Any:
     # The quantizer draws tqdm bars on stderr and its calibrator warns that it keeps every tensor (it must);
     # the CLI shows its own progress.
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+    from sfedge.backends.tflite.quiet import native_stderr_silenced
+
+    with native_stderr_silenced(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
         yield
 

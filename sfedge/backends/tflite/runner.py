@@ -110,7 +110,8 @@ class TFLiteRunner(Runner):
             self.inputs = [_spec(n, d, layout) for n, d in self._run.get_input_details().items()]
             self.outputs = [_spec(n, d, layout) for n, d in self._run.get_output_details().items()]
             # The first call allocates tensors and applies XNNPACK: do it now, so load time includes it.
-            self.infer(self.random_feed())
+            with native_stderr_silenced():
+                self.infer(self.random_feed())
         except RuntimeError as e:
             raise BackendUnavailable(
                 f"{self.runtime} cannot run {self.path.name}: {str(e).strip().splitlines()[0]}",
