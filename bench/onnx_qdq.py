@@ -97,31 +97,24 @@ def _range_ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 def _latency(paths: dict[tuple[str, str], Path]) -> dict[str, dict[str, float]]:
-    """Median/p90 per artifact; the sessions run interleaved (one run each per round) so drift hits all alike."""
-    from sfedge.backends.onnxruntime import OnnxRuntimeRunner
+    """SFConv vs vanilla per precision through the profiler: worker processes, alternating A B B A, bootstrap CI.
 
-    runners = {key: OnnxRuntimeRunner(p, threads=THREADS) for key, p in paths.items()}
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
-    for r in runners.values():
-        r.__enter__()
-    try:
-        feeds = {k: r.random_feed() for k, r in runners.items()}
-        for _ in range(WARMUP):
-            for k, r in runners.items():
-                r.infer(feeds[k])
-        for _ in range(RUNS):
-            for k, r in runners.items():
-                t = time.perf_counter()
-                r.infer(feeds[k])
-                times[k].append((time.perf_counter() - t) * 1e3)
-    finally:
-        for r in runners.values():
-            r.__exit__(None, None, None)
+    One process with several ONNX Runtime sessions would let idle sessions' spinning thread pools slow the
+    measured one (the profiler found up to 40%), so the profiler's own paired mode is used.
+    """
+    from sfedge.profile.measure import MeasureConfig, Subject, measure_pair
+
+    config = MeasureConfig(runs=RUNS, min_seconds=1.0, threads=THREADS)
     out = {}
-    for (name, prec), ts in times.items():
-        a = np.array(ts)
-        out[f"{name} {prec}"] = {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-                                 "min": float(a.min()), "cv": float(a.std() / a.mean()), "runs": int(a.size)}
+    for prec in sorted({p for _, p in paths}):
+        a = Subject(paths[("unet-sfconv", prec)], "onnxruntime", "unet-sfconv", prec, threads=THREADS)
+        b = Subject(paths[("unet", prec)], "onnxruntime", "unet", prec, threads=THREADS)
+        ma, mb, pairing = measure_pair(a, b, config)
+        for name, m in (("unet-sfconv", ma), ("unet", mb)):
+            out[f"{name} {prec}"] = {"median": m.summary.median, "p90": m.summary.p90, "min": m.summary.min,
+                                     "cv": m.summary.cv, "runs": m.summary.n}
+        r = pairing.ratio
+        out[f"ratio {prec}"] = {"ratio": r.ratio, "low": r.low, "high": r.high}
     return out
 
 
@@ -148,14 +141,16 @@ def _markdown(res: dict[str, Any], tol: Any) -> str:
         cells = " | ".join(f"{m[k]['dice_agreement']:.4f} / {m[k]['cosine']:.5f}" for k in ("minmax", "percentile", "entropy"))
         lines.append(f"| {name} | {cells} | {e['entropy_vs_minmax']['median_ratio']:.3f} |")
     lat = res["latency_ms"]
-    lines += ["", f"ONNX Runtime CPU EP, {res['threads']} threads, median of {res['runs']} interleaved runs (ms):", "",
-              "| precision | vanilla | SFConv | SFConv / vanilla |", "|---|---:|---:|---:|"]
-    worst = max(lat.values(), key=lambda v: v["cv"])["cv"]
+    lines += ["", f"ONNX Runtime CPU EP, {res['threads']} threads, the profiler's paired mode (worker process per "
+              "configuration, alternating A B B A, >= 50 runs and 1 s each), medians in ms:", "",
+              "| precision | vanilla | SFConv | SFConv / vanilla [95% CI] |", "|---|---:|---:|---:|"]
+    worst = max((v for k, v in lat.items() if not k.startswith("ratio")), key=lambda v: v["cv"])["cv"]
     for prec in ("fp32", "fp16", "int8 (all layers)", "int8"):
         v, s = lat[f"unet {prec}"], lat[f"unet-sfconv {prec}"]
         label = "int8 (mixed)" if prec == "int8" else prec
+        r = lat[f"ratio {prec}"]
         lines.append(f"| {label} | {v['median']:.1f} (p90 {v['p90']:.1f}) | {s['median']:.1f} (p90 {s['p90']:.1f}) | "
-                     f"{s['median'] / v['median']:.2f} |")
+                     f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] |")
     lines += ["", f"Largest coefficient of variation: {worst:.0%}" + (" (noisy: the machine was busy; compare ratios)"
                                                                         if worst > 0.1 else ""),
               "", "ONNX Runtime's CPU EP runs Q/DQ graphs by dequantizing into its float kernels (the TensorRT "
