@@ -122,7 +122,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError, OSError
-        raise ExportError(f"cannot read ONNX file {path}: {e}", "give an .onnx file written by `sfedge export`") from None
+        raise ExportError(f"cannot read ONNX file {path}: {e}", "give an .onnx file written by `sfedge build`") from None
     out: dict[str, Any] = {}
     for prop in model.metadata_props:
         if prop.key.startswith(METADATA_PREFIX):

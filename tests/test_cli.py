@@ -217,3 +217,16 @@ def test_targets_inspect_factorize_train_calibration_verbs(sfedge_cli, demo_chec
     for verb in ("build", "verify", "targets", "inspect", "factorize", "train", "calibration", "profile", "compare"):
         rc, out, _ = sfedge_cli(verb, "--help")
         assert rc == 0 and "examples:" in out, verb
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".tflite"])
+@pytest.mark.parametrize("verb", ["inspect", "profile"])
+def test_corrupt_artifacts_are_one_line_errors(sfedge_cli, tmp_path, suffix: str, verb: str) -> None:
+    bad = tmp_path / f"model{suffix}"
+    bad.write_bytes(bytes(range(256)) * 8)
+    args = [verb, str(bad)] + (["--runs", "3", "--processes", "1", "-o", str(tmp_path / "r")] if verb == "profile" else [])
+    rc, out, err = sfedge_cli(*args)
+    assert rc == 2, out + err
+    lines = [line for line in err.splitlines() if line.startswith(f"sfedge {verb}: error:")]
+    assert len(lines) == 1 and bad.name in lines[0], err
+    assert "Traceback" not in err

@@ -101,7 +101,7 @@ class OnnxRuntimeRunner(Runner):
             if not self.path.is_file():
                 raise ExportError(f"ONNX file {self.path} does not exist", "check the path or build the artifact first") from None
             raise ExportError(f"ONNX Runtime cannot load {self.path}: {msg.splitlines()[0][:200]}",
-                              "re-export the model with `sfedge export`") from None
+                              "rebuild it with `sfedge build` (the file is corrupt or not ONNX)") from None
         self._load_seconds = time.perf_counter() - start
         self._rss_load = psutil.Process().memory_info().rss - rss
         self.inputs = [self._spec(a) for a in self.session.get_inputs()]
