@@ -29,7 +29,7 @@ from typing import Any
 
 from sfedge.backends.base import Artifact
 from sfedge.errors import BundleError
-from sfedge.fileio import sha256_file
+from sfedge.fileio import read_schema_json, sha256_file
 
 __all__ = ["SCHEMA", "MANIFEST", "Bundle", "load_bundle", "is_bundle", "hash_files", "FileCheck"]
 
@@ -112,13 +112,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     if not mf.is_file():
         raise BundleError(f"{p} is not a bundle (no {MANIFEST})", "give the folder `sfedge build` wrote; a folder "
                           "ending in .part is an interrupted build and can be deleted")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mf} is unreadable or corrupt ({e})", "rebuild the bundle") from None
-    if manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{mf} has schema {manifest.get('schema')!r}", f"this sfedge reads {SCHEMA}; rebuild the bundle")
-    return Bundle(p, manifest)
+    return Bundle(p, read_schema_json(mf, SCHEMA, BundleError, "rebuild the bundle"))
 
 
 def hash_files(folder: Path) -> dict[str, dict[str, Any]]:

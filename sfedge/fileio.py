@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sfedge.errors import SfedgeError
 
-__all__ = ["write_error", "atomic_path", "atomic_dir", "write_json", "write_text", "sha256_file", "sha256_bytes"]
+__all__ = ["read_schema_json", "write_error", "atomic_path", "atomic_dir", "write_json", "write_text", "sha256_file", "sha256_bytes"]
 
 
 def write_error(path: str | os.PathLike[str], error: OSError) -> SfedgeError:
@@ -134,3 +134,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def read_schema_json(path: Path, schema: str, error: type[SfedgeError], rebuild_hint: str) -> dict:
+    """A JSON document that declares ``"schema": schema`` (manifests, reports); ``error`` when unreadable or another schema."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{path} is unreadable or corrupt ({e})", rebuild_hint) from None
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        found = doc.get("schema") if isinstance(doc, dict) else None
+        raise error(f"{path} has schema {found!r}", f"this sfedge reads {schema}; {rebuild_hint}")
+    return doc

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import platform
 import socket
@@ -25,7 +24,7 @@ from typing import Any
 import sfedge
 from sfedge.console import fmt_bytes, table
 from sfedge.errors import SfedgeError
-from sfedge.fileio import atomic_dir, write_json
+from sfedge.fileio import atomic_dir, read_schema_json, write_json
 from sfedge.profile.measure import MeasureConfig, Measurement, Pairing
 from sfedge.profile.stats import CV_WARNING
 
@@ -254,13 +253,7 @@ def load_report(path: str | os.PathLike[str]) -> Report:
     f = p / REPORT_JSON if p.is_dir() else p
     if not f.is_file():
         raise SfedgeError(f"{p} is not a profile report (no {REPORT_JSON})", "give a folder written by `sfedge profile -o`")
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SfedgeError(f"{f} is unreadable or corrupt ({e})", "re-run sfedge profile") from None
-    if d.get("schema") != SCHEMA:
-        raise SfedgeError(f"{f} has schema {d.get('schema')!r}", f"this sfedge reads {SCHEMA}")
-    return Report.from_dict(d)
+    return Report.from_dict(read_schema_json(f, SCHEMA, SfedgeError, "re-run sfedge profile"))
 
 
 def host_info() -> dict[str, Any]:
