@@ -269,7 +269,7 @@ def factorize_checkpoint(ckpt_path: str | os.PathLike[str], s: float, out_path: 
     Returns the new path and the per-layer FactorizeReport.
     """
     from sfedge.checkpoint import load_checkpoint, save_checkpoint
-    from sfedge.models import create_model, list_models, model_entry
+    from sfedge.models import create_model, input_shape, list_models, model_entry
     from sfedge.nn import factorize, fold
 
     ck = load_checkpoint(ckpt_path)
@@ -280,9 +280,7 @@ def factorize_checkpoint(ckpt_path: str | os.PathLike[str], s: float, out_path: 
     model = ck.model
     if ck.config.get("conv") == "sfconv":  # re-rank an SFConv model: fold to dense first
         fold(model)
-    fixed = ck.config.get("input_size")
-    shape = (1, int(ck.config.get("in_channels", 3)), *(fixed or (256, 256)))
-    report = factorize(model, s=s, input_shape=shape)
+    report = factorize(model, s=s, input_shape=input_shape(ck.config))
     sf_name = f"{_family(ck.name)}-sfconv"
     name = sf_name if sf_name in list_models() else ck.name
     config = {**ck.config, "conv": "sfconv", "s": s}

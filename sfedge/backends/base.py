@@ -138,12 +138,12 @@ class ModelSource:
         keep their own size; parameters and buffers are made contiguous (the
         TFLite converter bakes non-contiguous constants wrongly, TOOLCHAIN.md).
         """
+        from sfedge.models import input_shape
+
         model = ckpt.model.eval()
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = t.data.contiguous()
-        fixed = ckpt.config.get("input_size")
-        hw = tuple(fixed) if fixed else tuple(input_size)
-        shape = (1, int(ckpt.config.get("in_channels", 3)), int(hw[0]), int(hw[1]))
+        shape = input_shape(ckpt.config, input_size)
         pre = ckpt.preprocessing.as_dict() if ckpt.preprocessing is not None else None
         return cls(model, ckpt.name, dict(ckpt.config), ckpt.weights_sha256, shape, pre)
 

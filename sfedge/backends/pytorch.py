@@ -24,13 +24,14 @@ class TorchRunner(Runner):
         import torch
 
         from sfedge.checkpoint import load_checkpoint
+        from sfedge.models import input_shape
 
         if self.threads:
             torch.set_num_threads(self.threads)
         ckpt = load_checkpoint(self.path)
         self._torch = torch
         self.model = ckpt.model.eval()
-        shape = self.options.get("input_shape") or [1, ckpt.config.get("in_channels", 3), *ckpt.config.get("input_size", [256, 256])]
+        shape = list(self.options.get("input_shape") or input_shape(ckpt.config))
         self.inputs = [TensorSpec("input", list(shape), "float32", "NCHW")]
         with torch.no_grad():
             out = self.model(torch.zeros(shape))

@@ -65,12 +65,12 @@ def _models(args: argparse.Namespace) -> int:
 
 def _model(thing: str, hw: tuple[int, int]) -> dict[str, Any]:
     from sfedge.build import resolve_model
+    from sfedge.models import input_shape
     from sfedge.nn import SFConv2d, count_macs, count_params, flatness_report
 
     ck = resolve_model(thing)
     model = ck.model
-    fixed = ck.config.get("input_size")
-    shape = (1, int(ck.config.get("in_channels", 3)), *(fixed or hw))
+    shape = input_shape(ck.config, hw)
     layers = [{"layer": n, "shape": f"{m.out_channels}x{m.in_channels}x{m.kernel_size[0]}x{m.kernel_size[1]}",
                "rank": m.rank} for n, m in model.named_modules() if isinstance(m, SFConv2d)]
     flat = {r.name: r for r in flatness_report(model)}

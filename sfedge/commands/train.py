@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sfedge.checkpoint import load_checkpoint, save_checkpoint
     from sfedge.errors import ConfigError
-    from sfedge.models import create_model
+    from sfedge.models import create_model, input_shape
     from sfedge.nn import count_macs, count_params
     from sfedge.preprocess import FUNDUS_PREPROCESSING
     from sfedge.train import TrainConfig, train
@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
                     metrics={"holdout_dice": result.dice, "steps": tc.steps, "train_seconds": round(result.seconds, 1),
                              "labels": "Frangi pseudo-labels on skimage.data.retina()"})
     summary = {"checkpoint": str(out), "model": name, "holdout_dice": result.dice, "params": count_params(model),
-               "macs_256": count_macs(model, (1, model.sfedge_config.get("in_channels", 3),
-                                              *(model.sfedge_config.get("input_size") or (256, 256)))),
+               "macs_256": count_macs(model, input_shape(model.sfedge_config)),
                "seconds": round(result.seconds, 1)}
     if args.json:
         print_json(summary)

@@ -10,14 +10,14 @@ manifests record so the model can be rebuilt exactly.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from sfedge.errors import ConfigError, UnknownNameError
 
-__all__ = ["register_model", "list_models", "create_model", "model_entry", "ModelEntry"]
+__all__ = ["register_model", "list_models", "create_model", "model_entry", "ModelEntry", "input_shape"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,13 @@ def create_model(name: str, **config: object) -> nn.Module:
     model.sfedge_name = name  # type: ignore[assignment]
     model.sfedge_config = full  # type: ignore[assignment]
     return model
+
+
+def input_shape(config: dict, size: Sequence[int] = (256, 256)) -> tuple[int, int, int, int]:
+    """The static NCHW input of a model built from ``config``: batch 1, its channels, and its own fixed
+    ``input_size`` where it has one (the Factorizer's positional embedding), else ``size`` (H, W)."""
+    hw = config.get("input_size") or size
+    return (1, int(config.get("in_channels", 3)), int(hw[0]), int(hw[1]))
 
 
 def _load_builtin() -> None:
