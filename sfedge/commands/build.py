@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from sfedge.console import console, err_console, fmt_bytes, print_json, progress_bar, table
 from sfedge.errors import SfedgeError
@@ -82,16 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"bundles": [r.summary() for r in results], "failures": failures})
     else:
-        rows = []
-        for r in results:
-            s = r.summary()
-            for a in s["artifacts"]:
-                par = a["parity"]
-                rows.append([s["target"], s["precision"], a["backend"], a["kind"], fmt_bytes(a["size"]),
-                             par.get("max_abs"), par.get("cosine"), par.get("dice_agreement"), a["float_layers"],
-                             "cached" if s["cached"] else f"built {s['seconds']}s", s["bundle"]])
-        console.print(table("bundles", ["target", "precision", "backend", "artifact", "size", "max abs", "cosine",
-                                        "mask Dice", "float layers", "status", "folder"], rows))
+        console.print(bundles_table("bundles", results))
         for r in results:
             for a in r.bundle.manifest["artifacts"]:
                 for n in a.get("notes", []):
@@ -101,6 +93,20 @@ def run(args: argparse.Namespace) -> int:
         for f in failures:
             err_console.print(f"[red]failed[/] {f['target']} {f['precision']}: {f['error']}")
     return 2 if failures else 0
+
+
+def bundles_table(title: str, results: list) -> Any:
+    """One row per artifact of each BuildResult: where it is for, its size, parity and whether it was rebuilt."""
+    rows = []
+    for r in results:
+        s = r.summary()
+        for a in s["artifacts"]:
+            par = a["parity"]
+            rows.append([s["model"], s["target"], s["precision"], a["backend"], a["kind"], fmt_bytes(a["size"]),
+                         par.get("max_abs"), par.get("cosine"), par.get("dice_agreement"), a["float_layers"],
+                         "cached" if s["cached"] else f"built {s['seconds']}s", s["bundle"]])
+    return table(title, ["model", "target", "precision", "backend", "artifact", "size", "max abs", "cosine",
+                         "mask Dice vs torch", "float layers", "status", "folder"], rows)
 
 
 def _complete_on_device(args: argparse.Namespace) -> int:

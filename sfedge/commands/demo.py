@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from sfedge.build import build_bundle
     from sfedge.checkpoint import load_checkpoint
     from sfedge.demo import DEMO_TRAIN, demo_checkpoints
+    from sfedge.models import input_shape
     from sfedge.nn import count_macs, count_params
 
     out = Path(args.out)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         ck = load_checkpoint(path)
         models.append({"model": name, "checkpoint": str(path), "s": ck.config.get("s") if ck.config.get("conv") == "sfconv" else None,
                        "holdout_dice": ck.metrics.get("holdout_dice"), "params": count_params(ck.model),
-                       "macs_256": count_macs(ck.model, (1, 3, 256, 256)), "file_size": path.stat().st_size})
+                       "macs_256": count_macs(ck.model, input_shape(ck.config)), "file_size": path.stat().st_size})
     if not quiet:
         console.print(table("demo models (fundus, Frangi pseudo-labels; Dice on the held-out right 30% of the photograph)",
                             ["model", "s", "held-out Dice", "params", "GMAC @256x256", "checkpoint"],
@@ -69,16 +70,10 @@ def run(args: argparse.Namespace) -> int:
                 bar(f"{label}: {message}", None if fraction is None else (i + fraction) / len(jobs))
 
             results.append(build_bundle(ckpts[n], t, p, out_dir=out / "bundles", progress=sub))
-    rows = []
-    for r in results:
-        s = r.summary()
-        for a in s["artifacts"]:
-            par = a["parity"]
-            rows.append([s["model"], s["target"], s["precision"], a["backend"], a["kind"], fmt_bytes(a["size"]),
-                         par.get("max_abs"), par.get("dice_agreement"), a["float_layers"], "cached" if s["cached"] else "built"])
     if not quiet:
-        console.print(table("bundles built", ["model", "target", "precision", "backend", "artifact", "size", "max abs",
-                                              "mask Dice vs torch", "float layers", "status"], rows))
+        from sfedge.commands.build import bundles_table
+
+        console.print(bundles_table("bundles built", results))
     summary = {"models": models, "bundles": [r.summary() for r in results]}
     if not args.no_profile:
         summary["profile"] = _profile(results, out / "report", quiet)
