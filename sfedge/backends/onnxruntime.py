@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sfedge.backends.base import Artifact, ModelSource, Runner, TensorSpec, check_parity, measure_parity
+from sfedge.backends.base import Artifact, ModelSource, Runner, TensorSpec, check_parity
 from sfedge.errors import BackendUnavailable, ExportError, ParityError, UnknownNameError
 
 __all__ = ["OnnxRuntimeRunner", "RUNNER", "make", "PRECISIONS", "onnx_dtype_name"]
@@ -211,8 +211,9 @@ def _check(artifact: Artifact, holdout: np.ndarray, reference: np.ndarray, targe
     An artifact that misses it is deleted (with its companion files): nothing
     that looks whole is left behind.
     """
-    with OnnxRuntimeRunner(artifact.path, threads=target.threads) as runner:
-        parity = measure_parity(runner, holdout, reference)
+    from sfedge.quantize.qdq import measure_onnx_parity
+
+    parity = measure_onnx_parity(artifact.path, holdout, reference, target.threads)
     artifact.parity = parity.as_dict()
     try:
         check_parity(parity, target.tolerance(precision), f"the {precision} ONNX Runtime artifact {artifact.path.name}")
