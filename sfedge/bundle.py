@@ -30,6 +30,7 @@ from typing import Any
 from sfedge.backends.base import Artifact
 from sfedge.errors import BundleError
 from sfedge.fileio import read_schema_json, sha256_file
+from sfedge.targets import Tolerance, tolerance_for
 
 __all__ = ["SCHEMA", "MANIFEST", "Bundle", "load_bundle", "is_bundle", "hash_files", "FileCheck"]
 
@@ -55,6 +56,11 @@ class Bundle:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The parity tolerance the bundle's target sets for its precision."""
+        return tolerance_for(self.manifest["target"].get("tolerances") or {}, self.precision)
 
     @property
     def artifacts(self) -> list[Artifact]:

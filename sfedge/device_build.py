@@ -18,7 +18,6 @@ from sfedge.console import ProgressFn
 from sfedge.errors import BundleError
 from sfedge.fileio import write_json
 from sfedge.parity import compare_outputs
-from sfedge.targets import Tolerance
 
 __all__ = ["complete_bundle"]
 
@@ -43,8 +42,7 @@ def complete_bundle(path: Path, *, force: bool = False, progress: ProgressFn | N
     with TensorRTRunner(engine.path) as runner:
         parity = compare_outputs(reference, runner.run(inputs))
     engine.parity = parity.as_dict()
-    tol = bundle.manifest["target"].get("tolerances", {}).get(bundle.precision)
-    check_parity(parity, Tolerance(**tol) if tol else Tolerance(), f"the TensorRT engine {engine.path.name}")
+    check_parity(parity, bundle.tolerance, f"the TensorRT engine {engine.path.name}")
     manifest = dict(bundle.manifest)
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["kind"] != "engine"] + [engine.as_dict(base=bundle.path)]
     manifest["files"] = hash_files(bundle.path)

@@ -21,7 +21,7 @@ from typing import Any
 from sfedge.errors import ConfigError, UnknownNameError
 
 __all__ = [
-    "Target", "Tolerance", "load_target", "list_targets", "target_dirs", "BACKENDS", "PRECISIONS", "LAYOUTS",
+    "Target", "Tolerance", "tolerance_for", "load_target", "list_targets", "target_dirs", "BACKENDS", "PRECISIONS", "LAYOUTS",
     "DEFAULT_TARGET",
 ]
 
@@ -95,9 +95,7 @@ class Target:
 
     def tolerance(self, precision: str) -> Tolerance:
         """Tolerance for ``precision``; sensible defaults when the file gives none."""
-        if precision in self.tolerances:
-            return self.tolerances[precision]
-        return _DEFAULT_TOLERANCES.get(precision, Tolerance())
+        return tolerance_for(self.tolerances, precision)
 
     def check_precision(self, precision: str) -> str:
         """``precision`` if this target allows it, else an error listing the allowed ones."""
@@ -118,6 +116,14 @@ _DEFAULT_TOLERANCES = {
     "int8": Tolerance(dice_agreement=0.98),
     "int8-dynamic": Tolerance(dice_agreement=0.98),
 }
+
+
+def tolerance_for(tolerances: dict[str, dict[str, float]], precision: str) -> Tolerance:
+    """The tolerance a (parsed or manifest-recorded) ``tolerances`` table sets for ``precision``, else the default."""
+    tol = tolerances.get(precision)
+    if isinstance(tol, Tolerance):
+        return tol
+    return Tolerance(**tol) if tol else _DEFAULT_TOLERANCES.get(precision, Tolerance())
 
 
 def target_dirs() -> list[Path]:

@@ -15,7 +15,6 @@ from typing import Any
 from sfedge.bundle import FileCheck, check_files, load_bundle
 from sfedge.errors import BackendUnavailable, SfedgeError
 from sfedge.parity import compare_outputs
-from sfedge.targets import Tolerance
 
 __all__ = ["ArtifactCheck", "VerifyReport", "verify_bundle"]
 
@@ -60,8 +59,7 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
 
     bundle = load_bundle(path)
     files = check_files(bundle)
-    tol_d = bundle.manifest["target"].get("tolerances", {}).get(bundle.precision)
-    tolerance = Tolerance(**tol_d) if tol_d else _default_tolerance(bundle.precision)
+    tolerance = bundle.tolerance
     checks: list[ArtifactCheck] = []
     inputs = reference = None
     for art in bundle.artifacts:
@@ -96,8 +94,3 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
         check.reason = "; ".join(failures)
     return VerifyReport(str(bundle.path), files, checks)
 
-
-def _default_tolerance(precision: str) -> Tolerance:
-    from sfedge.targets import _DEFAULT_TOLERANCES
-
-    return _DEFAULT_TOLERANCES.get(precision, Tolerance())
