@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import itertools
 import json
 import os
 import tomllib
@@ -107,9 +108,15 @@ class CalibrationSet:
         for i in range(0, len(data), batch):
             yield data[i : i + batch]
 
-    def onnx_reader(self, input_name: str, split: str = "calibration") -> OnnxCalibrationReader:
-        """An onnxruntime ``CalibrationDataReader`` over this set (one sample per call)."""
-        return OnnxCalibrationReader(self, input_name, split)
+    def onnx_reader(
+        self, input_name: str, split: str = "calibration", start: int = 0, stop: int | None = None
+    ) -> OnnxCalibrationReader:
+        """An onnxruntime ``CalibrationDataReader`` over samples ``start:stop`` of ``split`` (one per call).
+
+        A slice lets calibrators collect in chunks: onnxruntime keeps every
+        intermediate tensor of what one reader yields in memory.
+        """
+        return OnnxCalibrationReader(self, input_name, split, start, stop)
 
     def tflite_samples(self, input_name: str, layout: str = "NHWC", split: str = "calibration") -> list[dict[str, np.ndarray]]:
         """Samples as ai-edge-quantizer wants them: one {input_name: (1, ...)} dict per sample."""
@@ -123,8 +130,11 @@ class OnnxCalibrationReader:
     onnxruntime; its calibrators only call ``get_next``.
     """
 
-    def __init__(self, calib: CalibrationSet, input_name: str, split: str = "calibration") -> None:
+    def __init__(self, calib: CalibrationSet, input_name: str, split: str = "calibration", start: int = 0,
+                 stop: int | None = None) -> None:
         self._calib, self._name, self._split = calib, input_name, split
+        total = len(calib.calibration if split == "calibration" else calib.holdout)
+        self._start, self._stop = start, total if stop is None else min(stop, total)
         self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -132,10 +142,10 @@ class OnnxCalibrationReader:
         return None if b is None else {self._name: b}
 
     def rewind(self) -> None:
-        self._it = self._calib.batches(self._split)
+        self._it = itertools.islice(self._calib.batches(self._split), self._start, self._stop)
 
     def __len__(self) -> int:
-        return len(self._calib.calibration if self._split == "calibration" else self._calib.holdout)
+        return max(0, self._stop - self._start)
 
 
 def calibration_dirs() -> list[Path]:
@@ -332,13 +342,13 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
     ``scale`` (default: the demo's training scale) or larger when a crop would
     not fit in half the width.
     """
-    from sfedge.datasets.fundus import DEMO_SCALE, load_fundus
+    from sfedge.datasets.fundus import DEMO_SCALE, load_fundus_image
 
     base = 1411
     scale = max(spec.scale or DEMO_SCALE, 2 * max(hw) / base + 1e-3)
     scale = round(scale, 3)
-    demo = load_fundus(scale)
-    h, w = demo.fov.shape
+    image, fov = load_fundus_image(scale)
+    h, w = fov.shape
     rng = np.random.default_rng(spec.seed)
     half = w // 2
 
@@ -347,9 +357,9 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
         while len(out) < n:
             y = int(rng.integers(0, h - hw[0] + 1))
             x = int(rng.integers(x0, x1 - hw[1] + 1))
-            if not demo.fov[y + hw[0] // 2, x + hw[1] // 2]:
+            if not fov[y + hw[0] // 2, x + hw[1] // 2]:
                 continue
-            im = demo.image[y : y + hw[0], x : x + hw[1]]
+            im = image[y : y + hw[0], x : x + hw[1]]
             if rng.random() < 0.5:
                 im = im[:, ::-1]
             if rng.random() < 0.5:

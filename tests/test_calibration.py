@@ -53,6 +53,8 @@ def test_fundus_demo_is_deterministic_with_disjoint_splits() -> None:
     while (item := reader.get_next()) is not None:
         batches.append(item["input"])
     assert len(batches) == 32 and batches[0].shape == (1, 3, 64, 64)
+    part = a.onnx_reader("input", "holdout", 4, 7)
+    assert len(part) == 3 and np.array_equal(part.get_next()["input"][0], a.holdout[4])
     nhwc = next(a.batches("holdout", layout="NHWC"))
     assert nhwc.shape == (1, 64, 64, 3)
 

@@ -70,11 +70,11 @@ def test_entropy_threshold_is_onnxruntimes(sfconv_onnx, fundus_calibration) -> N
 
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    from sfedge.quantize.ranges import ENTROPY_OPTIONS, _ListReader
+    from sfedge.quantize.ranges import ENTROPY_OPTIONS
 
     cal = create_calibrator(Path(sfconv_onnx.path), None, augmented_model_path=str(sfconv_onnx.path.with_name("aug.onnx")),
                             calibrate_method=CalibrationMethod.Entropy, extra_options=dict(ENTROPY_OPTIONS))
-    cal.collect_data(_ListReader([{"input": x[None]} for x in fundus_calibration.calibration[:4]]))
+    cal.collect_data(fundus_calibration.onnx_reader("input", "calibration", 0, 4))
     hists = cal.collector.histogram_dict
     for name in sorted(hists)[:2] + ["output"]:
         ours = entropy_threshold(hists[name], 128)

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["FundusDemo", "load_fundus", "random_crops", "holdout_region", "TRAIN_FRACTION", "DEMO_SCALE"]
+__all__ = ["FundusDemo", "load_fundus", "load_fundus_image", "random_crops", "holdout_region", "TRAIN_FRACTION", "DEMO_SCALE"]
 
 TRAIN_FRACTION = 0.7
 DEMO_SCALE = 0.5  # the demo works on the photograph at half resolution (706 x 706)
@@ -39,24 +39,43 @@ class FundusDemo:
         return int(round(self.image.shape[1] * TRAIN_FRACTION))
 
 
+def _scaled_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
+    return int(round(shape[0] * scale)), int(round(shape[1] * scale))
+
+
+@lru_cache(maxsize=4)
+def load_fundus_image(scale: float = DEMO_SCALE) -> tuple[np.ndarray, np.ndarray]:
+    """The retina photograph (uint8 HxWx3) and its field-of-view mask, resized by ``scale`` (cached per process).
+
+    Calibration sets need only this; the pseudo-labels (:func:`load_fundus`) cost seconds of filtering.
+    """
+    from skimage import data, transform
+
+    img = data.retina()
+    fov = img[..., 0] > 20
+    if scale != 1.0:
+        shape = _scaled_shape(img.shape, scale)
+        img = (transform.resize(img, shape, order=1, anti_aliasing=True) * 255).round().astype(np.uint8)
+        fov = transform.resize(fov.astype(np.float32), shape, order=0) > 0.5
+    return img, fov
+
+
 @lru_cache(maxsize=4)
 def load_fundus(scale: float = DEMO_SCALE) -> FundusDemo:
     """The retina photograph with Frangi pseudo-labels, resized by ``scale`` (cached per process)."""
     from skimage import data, exposure, filters, morphology, transform
 
-    img = data.retina()
-    fov = img[..., 0] > 20
-    green = exposure.equalize_adapthist(img[..., 1].astype(np.float64) / 255.0)
+    full = data.retina()
+    fov = full[..., 0] > 20
+    green = exposure.equalize_adapthist(full[..., 1].astype(np.float64) / 255.0)
     ves = filters.frangi(green, sigmas=range(1, 6), black_ridges=True)
     inner = morphology.erosion(fov, morphology.disk(10))
     ves[~inner] = 0
     lab = ves > np.percentile(ves[fov], 90)
     lab = morphology.remove_small_objects(lab, max_size=100)
     if scale != 1.0:
-        shape = (int(round(img.shape[0] * scale)), int(round(img.shape[1] * scale)))
-        img = (transform.resize(img, shape, order=1, anti_aliasing=True) * 255).round().astype(np.uint8)
-        lab = transform.resize(lab.astype(np.float32), shape, order=1, anti_aliasing=True) > 0.5
-        fov = transform.resize(fov.astype(np.float32), shape, order=0) > 0.5
+        lab = transform.resize(lab.astype(np.float32), _scaled_shape(full.shape, scale), order=1, anti_aliasing=True) > 0.5
+    img, fov = load_fundus_image(scale)
     return FundusDemo(image=img, vessels=lab, fov=fov, scale=scale)
 
 

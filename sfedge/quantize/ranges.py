@@ -84,10 +84,10 @@ def compute_ranges(
             calibrate_method=ort_method, extra_options=dict(options),
         )
         for start in range(0, len(samples), CHUNK):
-            chunk = samples[start : start + CHUNK]
-            _tell(progress, f"calibrating ({method}) on samples {start + 1}-{start + len(chunk)} of {len(samples)}",
+            stop = min(start + CHUNK, len(samples))
+            _tell(progress, f"calibrating ({method}) on samples {start + 1}-{stop} of {len(samples)}",
                   0.8 * start / len(samples))
-            calibrator.collect_data(_ListReader([{input_name: chunk[i : i + 1]} for i in range(len(chunk))]))
+            calibrator.collect_data(calib.onnx_reader(input_name, split, start, stop))
         _tell(progress, f"computing {method} thresholds", 0.8)
         if method == "entropy":
             hists = calibrator.collector.histogram_dict
@@ -187,17 +187,3 @@ def _input_name(onnx_path: str | Path) -> str:
 def _tell(progress: Progress | None, message: str, fraction: float | None) -> None:
     if progress is not None:
         progress(message, fraction)
-
-
-class _ListReader:
-    """onnxruntime CalibrationDataReader over a list of feeds (get_next protocol)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self._it = iter(feeds)
-        self._n = len(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def __len__(self) -> int:
-        return self._n
