@@ -9,14 +9,15 @@ STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' 
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup demo test test-fast bench lint clean help
+.PHONY: setup demo test test-fast bench lint lint-imports clean help
 
 help:
 	@echo "make setup   create .venv and install sfedge with its build, runtime and dev extras"
 	@echo "make demo    train (or load) the demo U-Nets, build host-cpu and device bundles, profile"
-	@echo "make test    run the test suite"
+	@echo "make test    check the import rules, then run the test suite"
+	@echo "make test-fast  the tests not marked slow (seconds to a few minutes)"
 	@echo "make bench   write the benchmark report to reports/bench/"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff and the import rules (lint-imports)"
 
 setup: $(STAMP)
 
@@ -33,13 +34,20 @@ $(STAMP):
 demo: setup
 	$(SFEDGE) demo
 
-test: setup
+test: setup lint-imports
 	$(PY) -m pytest -q
+
+test-fast: setup lint-imports
+	$(PY) -m pytest -q -m "not slow"
+
+# The direction of dependencies (pyproject.toml [tool.importlinter]; README: Architecture).
+lint-imports: setup
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) bench/run.py --out reports/bench
 
-lint: setup
+lint: setup lint-imports
 	$(VENV)/bin/ruff check sfedge tests bench
 
 clean:

@@ -3,7 +3,7 @@
 For the vanilla demo U-Net's host-cpu fp32 artifacts (ONNX Runtime and
 TFLite), alternately (so both see the same machine state):
 
-* the profiler: ``sfedge.profile.measure.measure`` (its worker processes,
+* the profiler: ``sfedge.profile.schedule.measure`` (its worker processes,
   warm-up, per-inference ``perf_counter_ns``), median and mean;
 * an independent timing: a fresh Python process that loads the artifact with
   the runtime's own API (no sfedge code), warms up, then times N inferences
@@ -77,7 +77,9 @@ def independent_loop(path: str, backend: str, threads: int, runs: int, warmup: i
 def run(out: Path) -> str:
     from sfedge.build import build_bundle
     from sfedge.demo import demo_checkpoints
-    from sfedge.profile.measure import MeasureConfig, measure, subjects_from
+    from sfedge.profile.schedule import measure
+    from sfedge.profile.subjects import subjects_from
+    from sfedge.profile.types import MeasureConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,6 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 MODELS = ("unet", "unet-sfconv")
 THREADS = 2
 RUNS = 60
@@ -35,15 +31,16 @@ WARMUP = 5
 
 def run(out_dir: Path) -> str:
     """Run the benchmark, write raw JSON into ``out_dir``, return the Markdown section."""
-    from sfedge.backends.base import ModelSource
+    from sfedge.backends.onnxruntime.make import ort_scorer
     from sfedge.calibration import load_calibration
     from sfedge.checkpoint import load_checkpoint
     from sfedge.demo import demo_checkpoints
     from sfedge.export import export_onnx
     from sfedge.fileio import write_json
-    from sfedge.quantize.qdq import measure_onnx_parity, quantize_qdq, to_fp16
+    from sfedge.quantize.mixed import PROBE_SAMPLES, mixed_precision
+    from sfedge.quantize.qdq import quantize_qdq, to_fp16
     from sfedge.quantize.ranges import compute_ranges
-    from sfedge.quantize.sensitivity import mixed_precision
+    from sfedge.source import ModelSource
     from sfedge.targets import load_target
 
     out_dir = Path(out_dir)
@@ -61,25 +58,28 @@ def run(out_dir: Path) -> str:
             ref = src.reference(calib.holdout)
             entry: dict[str, Any] = {"parity": {}, "methods": {}, "timings_s": {}}
             t = time.perf_counter()
-            fp32 = export_onnx(src, work / f"{name}.onnx", check_inputs=calib.holdout)
+            score = ort_scorer(THREADS)
+            fp32 = export_onnx(src, work / f"{name}.onnx", score=score, check_inputs=calib.holdout)
             entry["timings_s"]["export"] = time.perf_counter() - t
-            entry["parity"]["fp32"] = fp32.parity
+            entry["parity"]["fp32"] = fp32.parity.as_dict()
             fp16 = to_fp16(fp32, work / f"{name}-fp16.onnx")
-            entry["parity"]["fp16"] = measure_onnx_parity(fp16.path, calib.holdout, ref, THREADS).as_dict()
+            entry["parity"]["fp16"] = score(fp16.path, calib.holdout, ref).as_dict()
             ranges = {}
             for method in ("minmax", "percentile", "entropy"):
                 t = time.perf_counter()
                 ranges[method] = compute_ranges(fp32.path, calib, method)
                 entry["timings_s"][f"ranges_{method}"] = time.perf_counter() - t
                 art = quantize_qdq(fp32, calib, work / f"{name}-int8-{method}.onnx", method=method,
-                                   ranges=ranges[method], reference=ref, threads=THREADS, write_ranges_file=False)
-                entry["methods"][method] = art.parity
+                                   ranges=ranges[method], reference=ref, score=score, write_ranges_file=False)
+                entry["methods"][method] = art.parity.as_dict()
             entry["parity"]["int8 (all layers)"] = entry["methods"]["entropy"]
             t = time.perf_counter()
-            mixed, report = mixed_precision(fp32, calib, work / f"{name}-int8.onnx", ref, target.tolerance("int8"),
-                                            method="entropy", ranges=ranges["entropy"], threads=THREADS)
+            probe = calib.calibration[:PROBE_SAMPLES]
+            mixed, report = mixed_precision(fp32, calib, work / f"{name}-int8.onnx", reference=ref,
+                                            probe_reference=src.reference(probe), tolerance=target.tolerance("int8"),
+                                            score=score, method="entropy", ranges=ranges["entropy"])
             entry["timings_s"]["mixed_precision"] = time.perf_counter() - t
-            entry["parity"]["int8 (mixed)"] = mixed.parity
+            entry["parity"]["int8 (mixed)"] = mixed.parity.as_dict()
             entry["mixed_precision"] = report.as_dict()
             entry["entropy_vs_minmax"] = _range_ratio(ranges["entropy"], ranges["minmax"])
             results["models"][name] = entry
@@ -102,7 +102,8 @@ def _latency(paths: dict[tuple[str, str], Path]) -> dict[str, dict[str, float]]:
     One process with several ONNX Runtime sessions would let idle sessions' spinning thread pools slow the
     measured one (the profiler found up to 40%), so the profiler's own paired mode is used.
     """
-    from sfedge.profile.measure import MeasureConfig, Subject, measure_pair
+    from sfedge.profile.schedule import measure_pair
+    from sfedge.profile.types import MeasureConfig, Subject
 
     config = MeasureConfig(runs=RUNS, min_seconds=1.0, threads=THREADS)
     out = {}
@@ -160,18 +161,22 @@ def _markdown(res: dict[str, Any], tol: Any) -> str:
     if sf:
         mp = sf["mixed_precision"]
         kept = set(mp["float_layers"])
+        samples = mp["sensitivity"][0]["samples"] if mp["sensitivity"] else 0
         lines += ["", f"Per-layer INT8 sensitivity of the SFConv model (one layer int8, the rest float; "
-                  f"{mp['sensitivity_samples']} held-out samples), most sensitive first:", "",
+                  f"{samples} calibration samples; ranked only when all-int8 misses the tolerance), "
+                  "most sensitive first:", "",
                   "| # | layer | role | mean abs | max abs | mask Dice agreement | kept float |", "|---:|---|---|---:|---:|---:|---|"]
         for i, s in enumerate(mp["sensitivity"], 1):
             lines.append(f"| {i} | `{s['layer']}` | {s['role']} | {s['mean_abs']:.4f} | {s['max_abs']:.3f} | "
                          f"{s['dice_agreement']:.4f} | {'yes' if s['layer'] in kept else ''} |")
         lines.append("")
         lines.append(f"Mixed precision took {sf['timings_s']['mixed_precision']:.0f} s for the SFConv model "
-                     f"(sensitivity of {mp['layers']} layers plus {len(mp['steps'])} greedy step(s)).")
+                     f"(sensitivity of {len(mp['sensitivity'])} of {mp['layers']} layers plus "
+                     f"{len(mp['steps']) - 1} search step(s)); the float layers cost "
+                     f"{mp['float_cost_fraction']:.0%} of the model's MACs.")
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "reports" / "bench"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("reports") / "bench"
     print(run(out))

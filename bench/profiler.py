@@ -27,9 +27,12 @@ def run(out: Path) -> str:
     from sfedge.build import build_bundle
     from sfedge.demo import demo_checkpoints
     from sfedge.errors import SfedgeError
-    from sfedge.profile.measure import MeasureConfig, pair_up, profile_subjects, subjects_from
-    from sfedge.profile.report import Report, pair_rows, summary_rows
-    from sfedge.profile.sweep import sweep
+    from sfedge.profile.report import Report
+    from sfedge.profile.schedule import profile_subjects
+    from sfedge.profile.subjects import pair_up, subjects_from
+    from sfedge.profile.tables import nest_markdown
+    from sfedge.profile.types import MeasureConfig
+    from sfedge.sweep import sweep
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,60 +61,16 @@ def run(out: Path) -> str:
         result.write(out / f"sweep-host-cpu-{backend}")
         sweeps[backend] = result
 
-    raw = {"pairs": pair_rows(report), "summary": summary_rows(report), "host": report.host, "notes": report.notes,
+    raw = {"pairs": report.pair_rows(), "summary": report.summary_rows(), "host": report.host, "notes": report.notes,
            "sweeps": {b: r.as_dict() for b, r in sweeps.items()}}
     (out / "profile.json").write_text(json.dumps(raw, indent=2, default=str))
-    return _markdown(report, sweeps)
-
-
-def _markdown(report, sweeps) -> str:
-    from sfedge.console import fmt_bytes
-    from sfedge.profile.report import pair_rows, summary_rows
-
-    md = [
-        "## Profile: SFConv (s=0.25) vs vanilla demo U-Net on host-cpu (paired)",
-        "",
-        f"{report.host.get('cpu')}, {report.host.get('cpu_count')} cores, load average at start "
-        f"{report.host.get('load_average')}. Each configuration runs in {report.config['processes']} worker processes; "
-        "a pair's processes take turns in blocks of about 50 ms (A1 B1 A2 B2 A3 B3, reversed every round), at "
-        "least 20 rounds, after a warm-up of at least "
-        f"{report.config['warmup_runs']} runs and {report.config['warmup_seconds']} s; at least {report.config['runs']} "
-        f"runs and {report.config['min_seconds']} s each. Input 1x3x256x256, {report.measurements[0].threads} threads.",
-        "",
-        "| backend | precision | SFConv median ms | vanilla median ms | speedup (vanilla/SFConv) | 95% CI | rounds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in pair_rows(report):
-        md.append(f"| {r['backend']} | {r['precision']} | {r['median_candidate_ms']:.2f} | {r['median_baseline_ms']:.2f} "
-                  f"| {r['speedup']:.2f}x | [{r['speedup_low']:.2f}, {r['speedup_high']:.2f}] | {r['rounds']} |")
-    md += ["", "| configuration | p90 ms | p99 ms | CV | process spread | load ms | first inference ms | RSS after load "
-           "| peak RSS | file |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in summary_rows(report):
-        md.append(f"| {r['label']} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['cv']:.1%} | "
-                  f"{r['process_spread']:.1%} | {r['load_ms']:.1f} | "
-                  f"{r['first_ms']:.1f} | {fmt_bytes(r['rss_after_load'])} | {fmt_bytes(r['peak_rss_steady'])} | "
-                  f"{fmt_bytes(r['artifact_bytes'])} |")
-    md += ["", "Full report with every raw sample and plots: `profile-host-cpu/`."]
+    md = ["## Profile: SFConv (s=0.25) vs vanilla demo U-Net on host-cpu (paired)", "",
+          "The profiler's own report (full report with every raw sample and plots: `profile-host-cpu/`):", "",
+          nest_markdown(report.markdown(), 2)]
     for backend, result in sweeps.items():
-        md += ["", f"### Rank sweep on host-cpu, {backend} fp32 (SVD + {FINETUNE_STEPS} fine-tuning steps per s)", "",
-               "| point | GMAC | median ms | ratio to vanilla [95% CI] | mask Dice vs vanilla | held-out Dice | "
-               "on front (parity / Dice) |", "|---|---|---|---|---|---|---|"]
-        front_p = {p.name for p in result.front("dice_agreement")}
-        front_d = {p.name for p in result.front("holdout_dice")}
-        for p in result.points:
-            ratio = f"{p.ratio:.3f} [{p.ratio_low:.3f}, {p.ratio_high:.3f}]" if p.ratio is not None else "1 (baseline)"
-            md.append(f"| {p.name} | {(p.macs or 0) / 1e9:.3f} | "
-                      f"{p.median_ms:.2f} | {ratio} | {_num(p.dice_agreement)} | {_num(p.holdout_dice)} | "
-                      f"{'yes' if p.name in front_p else 'no'} / {'yes' if p.name in front_d else 'no'} |"
-                      if p.median_ms is not None else f"| {p.name} | - | - | {p.error} | - | - | - |")
-        md.append(f"\nPlot and per-sample report: `sweep-host-cpu-{backend}/`.")
-    if report.notes:
-        md += ["", "Notes:", *[f"- {n}" for n in report.notes]]
+        md += [f"Rank sweep on host-cpu, {backend} fp32 (SVD + {FINETUNE_STEPS} fine-tuning steps per s; plot and "
+               f"per-sample report: `sweep-host-cpu-{backend}/`):", "", nest_markdown(result.markdown(), 2)]
     return "\n".join(md)
-
-
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _section(name: str, out: Path) -> None:
-    sys.path.insert(0, str(HERE))
-    mod = importlib.import_module(name)
+    mod = importlib.import_module(name)  # bench/ is on sys.path: it is this script's folder
     start = time.perf_counter()
     md = mod.run(out)
     (out / f"{name}.md").write_text(md.rstrip() + f"\n\n_section time: {time.perf_counter() - start:.0f} s_\n")

@@ -38,12 +38,13 @@ LINT_REPEATS = 5
 
 def run(out_dir: Path) -> str:
     """Run the benchmark, write raw JSON into ``out_dir``, return the Markdown section."""
-    from sfedge.backends.base import ModelSource
-    from sfedge.backends.tensorrt import lint_onnx, make
+    from sfedge.backends.tensorrt.make import make
+    from sfedge.backends.tensorrt.rules import lint_onnx
     from sfedge.calibration import load_calibration
     from sfedge.checkpoint import load_checkpoint
     from sfedge.demo import demo_checkpoints
     from sfedge.errors import SfedgeError
+    from sfedge.source import ModelSource
     from sfedge.targets import load_target
 
     ckpts = demo_checkpoints()
@@ -63,7 +64,7 @@ def run(out_dir: Path) -> str:
                                            "model": model, "precision": precision, "input": list(size)}
                     try:
                         art = make(sources[model], target, precision, calib, work)
-                        row.update(outcome=art.kind, onnx=art.meta["onnx"], parity=art.parity,
+                        row.update(outcome=art.kind, onnx=art.meta["onnx"], parity=art.parity.as_dict() if art.parity else {},
                                    float_layers=len(art.float_layers),
                                    files={p.name: p.stat().st_size for p in art.files})
                     except SfedgeError as e:

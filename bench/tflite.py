@@ -3,7 +3,7 @@
 Two pairs, each timed side by side in one rotation of sfedge's profiler (every
 file in its own worker process, blocks of inferences alternated A B C C B A ...):
 
-* the trained demo pair (16-32-64-128), built with ``sfedge.backends.tflite.make``
+* the trained demo pair (16-32-64-128), built with ``sfedge.backends.tflite.make.make``
   for host-cpu, parity-checked and (int8) mixed precision where needed;
 * a 32-64-128-256 pair at 256x256 with *untrained* weights (latency only: its
   parity numbers say only that the conversion is exact, not that a model works).
@@ -45,9 +45,9 @@ cosine = 0.0
 
 
 def _source(model: Any, name: str):
-    from sfedge.backends.base import ModelSource
     from sfedge.backends.tflite.convert import contiguous_
     from sfedge.checkpoint import weights_sha256
+    from sfedge.source import ModelSource
 
     model = contiguous_(model.eval())
     return ModelSource(model, name, dict(getattr(model, "sfedge_config", {})), weights_sha256(model.state_dict()),
@@ -63,7 +63,8 @@ def interleaved(paths: dict[str, Path], samples: Any, work: Path, threads: int =
     shared machine lands on all of them alike.
     """
     from sfedge.fileio import sha256_bytes
-    from sfedge.profile.measure import MeasureConfig, Subject, measure_group
+    from sfedge.profile.schedule import measure_group
+    from sfedge.profile.types import MeasureConfig, Subject
 
     subjects = []
     for k, p in paths.items():
@@ -81,7 +82,7 @@ def interleaved(paths: dict[str, Path], samples: Any, work: Path, threads: int =
 
 def _pair(label: str, sources: dict, target, calib, work: Path, trained: bool) -> dict[str, Any]:
     """Build fp32 / fp16 / int8 of both models, then time all six files in one interleaved run."""
-    from sfedge.backends.tflite import make
+    from sfedge.backends.tflite.make import make
     from sfedge.nn import count_macs
 
     macs = {k: count_macs(s.model, s.input_shape) for k, s in sources.items()}
@@ -96,7 +97,7 @@ def _pair(label: str, sources: dict, target, calib, work: Path, trained: bool) -
         result["precisions"][p] = {
             "latency": {"vanilla": v, "sfconv": s}, "speedup": speedup, "achieved_fraction": speedup / result["mac_ratio"],
             "bytes": {k: arts[k, p].path.stat().st_size for k in sources},
-            "parity": {k: arts[k, p].parity for k in sources},
+            "parity": {k: arts[k, p].parity.as_dict() for k in sources},
             "float_layers": {k: arts[k, p].float_layers for k in sources},
             "notes": {k: arts[k, p].notes for k in sources},
             "op_report": {k: arts[k, p].meta["op_report"] for k in sources},
@@ -187,11 +188,11 @@ def _block_study(models: dict[str, Any], whole: dict[str, str], calib, work: Pat
 def run(out: Path) -> str:
     import torch
 
-    from sfedge.backends.base import ModelSource
     from sfedge.calibration import load_calibration
     from sfedge.checkpoint import load_checkpoint
     from sfedge.demo import demo_checkpoints
     from sfedge.models import create_model
+    from sfedge.source import ModelSource
     from sfedge.targets import load_target
 
     torch.set_num_threads(THREADS)

@@ -24,14 +24,19 @@ from typing import Any
 import numpy as np
 
 from sfedge import __version__
-from sfedge.backends import backend_module
-from sfedge.backends.base import Artifact, ModelSource
+from sfedge.artifact import Artifact
+from sfedge.backends.maker import maker
+from sfedge.backends.registry import BACKENDS
 from sfedge.bundle import MANIFEST, SCHEMA, Bundle, check_files, hash_files, load_bundle
 from sfedge.calibration import CalibrationSet, load_calibration
-from sfedge.console import ProgressFn
+from sfedge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_sha256
 from sfedge.errors import CalibrationError, CheckpointError, ConfigError
 from sfedge.fileio import atomic_dir, sha256_bytes, write_json, write_text
-from sfedge.targets import BACKEND_PRECISIONS, Target, load_target
+from sfedge.models import create_model, input_shape, list_models, model_entry
+from sfedge.nn import count_macs, count_params, factorize, fold
+from sfedge.progress import Progress, scaled
+from sfedge.source import ModelSource
+from sfedge.targets import Target, load_target
 
 __all__ = ["BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name"]
 
@@ -74,11 +79,8 @@ def toolchain_versions() -> dict[str, str]:
     return out
 
 
-def resolve_model(model: str | os.PathLike[str]):  # -> Checkpoint
+def resolve_model(model: str | os.PathLike[str]) -> Checkpoint:
     """A checkpoint path, or a registry name (an *untrained* model, flagged in its metrics)."""
-    from sfedge.checkpoint import Checkpoint, load_checkpoint, weights_sha256
-    from sfedge.models import create_model, list_models
-
     p = Path(model)
     if p.suffix == ".safetensors" or p.exists():
         return load_checkpoint(p)
@@ -115,15 +117,13 @@ def build_bundle(
     calibration: str | os.PathLike[str] = "fundus-demo",
     out_dir: str | os.PathLike[str] = "bundles",
     force: bool = False,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle for (model, target, precision) under ``out_dir``.
 
     Errors (unknown target or precision, corrupt checkpoint, bad calibration
     set, parity failure) leave no bundle folder behind.
     """
-    from sfedge.nn import count_macs, count_params
-
     start = time.perf_counter()
     say = progress or (lambda message, fraction=None: None)
     tgt = target if isinstance(target, Target) else load_target(target)
@@ -144,7 +144,7 @@ def build_bundle(
             f"({calib.spec.preprocessing.as_dict()} vs {ckpt.preprocessing.as_dict()})",
             "use a calibration spec with the model's mean/std",
         )
-    backends = [b for b in tgt.backends if prec in BACKEND_PRECISIONS[b]]
+    backends = [b for b in tgt.backends if prec in BACKENDS[b].precisions]
     tools = toolchain_versions()
     key = _build_key(source, tgt, prec, calib, tools)
     dest = Path(out_dir) / bundle_name(ckpt, tgt, prec)
@@ -162,8 +162,8 @@ def build_bundle(
         artifacts: list[Artifact] = []
         for i, b in enumerate(backends):
             say(f"{b} {prec}", 0.1 + 0.8 * i / len(backends))
-            sub = _sub_progress(say, 0.1 + 0.8 * i / len(backends), 0.8 / len(backends), b)
-            artifacts.append(backend_module(b).make(source, tgt, prec, calib, tmp, progress=sub))
+            sub = scaled(say, 0.1 + 0.8 * i / len(backends), 0.8 / len(backends), b)
+            artifacts.append(maker(b)(source, tgt, prec, calib, tmp, progress=sub))
         say("writing manifest", 0.95)
         np.save(tmp / "holdout_inputs.npy", hold_in)
         np.save(tmp / "holdout_reference.npy", hold_ref)
@@ -181,13 +181,6 @@ def build_bundle(
 
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
-
-
-def _sub_progress(say: ProgressFn, base: float, span: float, label: str) -> ProgressFn:
-    def sub(message: str, fraction: float | None = None) -> None:
-        say(f"{label}: {message}", None if fraction is None else base + span * max(0.0, min(1.0, fraction)))
-
-    return sub
 
 
 def _manifest(ckpt: Any, source: ModelSource, target: Target, precision: str, calib: CalibrationSet,
@@ -268,10 +261,6 @@ def factorize_checkpoint(ckpt_path: str | os.PathLike[str], s: float, out_path: 
     config (the registry builds exactly the layers ``factorize`` produces).
     Returns the new path and the per-layer FactorizeReport.
     """
-    from sfedge.checkpoint import load_checkpoint, save_checkpoint
-    from sfedge.models import create_model, input_shape, list_models, model_entry
-    from sfedge.nn import factorize, fold
-
     ck = load_checkpoint(ckpt_path)
     entry = model_entry(ck.name)
     if "conv" not in entry.defaults:
@@ -288,7 +277,7 @@ def factorize_checkpoint(ckpt_path: str | os.PathLike[str], s: float, out_path: 
     try:
         rebuilt.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"factorized '{ck.name}' does not match the registry's '{name}' layout: {e}") from None
+        raise CheckpointError(f"factorized '{ck.name}' does not match the registry's '{name}' layout: {e}") from e
     metrics = {"factorized_from": str(ckpt_path), "from_weights_sha256": ck.weights_sha256, "s": s,
                "mac_reduction": report.mac_reduction}
     save_checkpoint(rebuilt, out_path, preprocessing=ck.preprocessing, metrics=metrics)

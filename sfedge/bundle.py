@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sfedge.backends.base import Artifact
+import numpy as np
+
+from sfedge.artifact import Artifact
 from sfedge.errors import BundleError
 from sfedge.fileio import read_schema_json, sha256_file
-from sfedge.targets import Tolerance, tolerance_for
+from sfedge.parity import Tolerance, tolerance_for
 
 __all__ = ["SCHEMA", "MANIFEST", "Bundle", "load_bundle", "is_bundle", "hash_files", "FileCheck"]
 
@@ -93,15 +95,13 @@ class Bundle:
         cfg = {k: v for k, v in m.get("config", {}).items() if k not in ("conv", "s")}
         return json.dumps([m.get("family"), cfg, self.target_name, self.precision], sort_keys=True)
 
-    def reference(self) -> tuple[Any, Any]:
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
         """(held-out inputs, fp32 torch outputs) stored in the bundle, as numpy arrays."""
-        import numpy as np
-
         ref = self.manifest.get("reference") or {}
         try:
             return np.load(self.path / ref["inputs"]), np.load(self.path / ref["outputs"])
         except (KeyError, OSError, ValueError) as e:
-            raise BundleError(f"bundle {self.path} has no readable reference data ({e})", "rebuild the bundle") from None
+            raise BundleError(f"bundle {self.path} has no readable reference data ({e})", "rebuild the bundle") from e
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfedge.datasets.fundus import DEMO_SCALE, load_fundus_image
 from sfedge.errors import CalibrationError, UnknownNameError
 from sfedge.preprocess import FUNDUS_PREPROCESSING, Preprocessing
 
@@ -202,7 +203,7 @@ def _parse_spec(path: Path) -> CalibrationSpec:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise _spec_err(path, f"is not valid TOML ({e})") from None
+        raise _spec_err(path, f"is not valid TOML ({e})") from e
     for k in data:
         if k not in SPEC_KEYS:
             raise _spec_err(path, f"unknown key '{k}'", f"valid keys: {', '.join(SPEC_KEYS)}")
@@ -312,7 +313,7 @@ def _read_image(path: Path, channels: int, hw: tuple[int, int]) -> np.ndarray:
                 im.load()
                 arr = np.asarray(im)
     except Exception as e:  # PIL and numpy raise many types for damaged files
-        raise CalibrationError(f"cannot read calibration image {path}: {e}", "remove or replace the file") from None
+        raise CalibrationError(f"cannot read calibration image {path}: {e}", "remove or replace the file") from e
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:
@@ -342,8 +343,6 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
     ``scale`` (default: the demo's training scale) or larger when a crop would
     not fit in half the width.
     """
-    from sfedge.datasets.fundus import DEMO_SCALE, load_fundus_image
-
     base = 1411
     scale = max(spec.scale or DEMO_SCALE, 2 * max(hw) / base + 1e-3)
     scale = round(scale, 3)

@@ -5,7 +5,7 @@ tag, the registry name, the complete model config, the input preprocessing,
 free-form metrics and the sha256 of the weights; loading rebuilds the model
 with ``create_model(name, **config)`` and refuses weights that do not match the
 hash or the architecture.  safetensors stores tensors contiguous, which the
-TFLite path needs (TOOLCHAIN.md: non-contiguous constants convert wrongly).
+TFLite path needs (litert-torch#1238: non-contiguous constants convert wrongly).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from sfedge.errors import CheckpointError
 from sfedge.fileio import atomic_path
+from sfedge.models import create_model
 from sfedge.preprocess import Preprocessing
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "weights_sha256", "FORMAT"]
@@ -94,7 +95,7 @@ def read_checkpoint_header(path: str | os.PathLike[str]) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for damaged headers
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file ({e})", "re-create it with sfedge train or factorize") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file ({e})", "re-create it with sfedge train or factorize") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an sfedge checkpoint (format={meta.get('format')!r})", f"expected format {FORMAT}")
     return meta
@@ -104,14 +105,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Rebuild the model by name and config and load its weights, checking the hash and shapes."""
     from safetensors.torch import load_file
 
-    from sfedge.models import create_model
-
     path = Path(path)
     meta = read_checkpoint_header(path)
     try:
         state = load_file(str(path))
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {e}", "re-create it with sfedge train or factorize") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}", "re-create it with sfedge train or factorize") from e
     digest = weights_sha256(state)
     if digest != meta.get("weights_sha256"):
         raise CheckpointError(
@@ -122,7 +121,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         config = json.loads(meta["config"])
         model = create_model(meta["model"], **config)
     except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} has a damaged config ({e})") from None
+        raise CheckpointError(f"checkpoint {path} has a damaged config ({e})") from e
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -130,7 +129,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {path} does not match its config for model '{meta['model']}': {first}",
             "the config JSON and the weights come from different models; re-save the checkpoint",
-        ) from None
+        ) from e
     model.eval()
     pre = json.loads(meta.get("preprocessing") or "null")
     return Checkpoint(

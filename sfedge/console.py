@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-__all__ = ["console", "err_console", "table", "print_json", "progress_bar", "ProgressFn", "fmt_bytes"]
+from sfedge.fileio import json_default
+from sfedge.progress import Progress
+
+__all__ = ["console", "err_console", "table", "print_json", "progress_bar", "fmt_bytes"]
 
 # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; give them room instead.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
-ProgressFn = Callable[[str, float | None], None]
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> Table:
@@ -38,18 +41,16 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
 
 def print_json(obj: Any) -> None:
     """Machine output: JSON on stdout only."""
-    from sfedge.fileio import _json_default
-
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 @contextmanager
-def progress_bar(description: str, total: float | None = None, enabled: bool = True) -> Iterator[ProgressFn]:
+def progress_bar(description: str, total: float | None = None, enabled: bool = True) -> Iterator[Progress]:
     """A progress bar on stderr; yields ``update(message, fraction)`` (fraction None: keep position)."""
     if not enabled:
         yield lambda message, fraction=None: None
         return
-    prog = Progress(
+    prog = RichProgress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn() if total else TextColumn(""),
         TextColumn("{task.fields[message]}"), TimeElapsedColumn(), console=err_console, transient=False,
     )

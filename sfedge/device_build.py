@@ -13,21 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sfedge.backends.tensorrt.folder import build_from_folder
+from sfedge.backends.tensorrt.runner import TensorRTRunner
 from sfedge.bundle import MANIFEST, hash_files, load_bundle
-from sfedge.console import ProgressFn
 from sfedge.errors import BundleError
 from sfedge.fileio import write_json
-from sfedge.parity import compare_outputs
+from sfedge.parity import gate, measure
+from sfedge.progress import Progress
 
 __all__ = ["complete_bundle"]
 
 
-def complete_bundle(path: Path, *, force: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
+def complete_bundle(path: Path, *, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Build the engine of the bundle at ``path`` on this machine; returns a summary with a one-line message."""
-    from sfedge.backends.base import check_parity
-    from sfedge.backends.tensorrt import build_from_folder
-    from sfedge.backends.tensorrt.runner import TensorRTRunner
-
     bundle = load_bundle(path)
     folders = [a for a in bundle.artifacts if a.kind == "device-folder"]
     if not folders:
@@ -40,15 +38,14 @@ def complete_bundle(path: Path, *, force: bool = False, progress: ProgressFn | N
     engine = build_from_folder(folders[0].path, progress=progress)
     inputs, reference = bundle.reference()
     with TensorRTRunner(engine.path) as runner:
-        parity = compare_outputs(reference, runner.run(inputs))
-    engine.parity = parity.as_dict()
-    check_parity(parity, bundle.tolerance, f"the TensorRT engine {engine.path.name}")
+        parity = measure(runner, inputs, reference)
+    engine.parity = gate(parity, bundle.tolerance, f"the TensorRT engine {engine.path.name}", cleanup=[engine.path])
     manifest = dict(bundle.manifest)
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["kind"] != "engine"] + [engine.as_dict(base=bundle.path)]
     manifest["files"] = hash_files(bundle.path)
     info = manifest["files"].get(manifest["artifacts"][-1]["path"], {})
     manifest["artifacts"][-1]["sha256"], manifest["artifacts"][-1]["size"] = info.get("sha256"), info.get("size")
     write_json(bundle.path / MANIFEST, manifest)
-    return {"bundle": str(path), "engine": str(engine.path), "built": True, "parity": engine.parity,
+    return {"bundle": str(path), "engine": str(engine.path), "built": True, "parity": parity.as_dict(),
             "message": f"{path}: built {engine.path.name} with TensorRT {engine.meta.get('tensorrt')} on "
                        f"{engine.meta.get('gpu')}; max abs {parity.max_abs:.3g}, mask Dice {parity.dice_agreement:.4f}"}

@@ -64,3 +64,16 @@ class BundleError(SfedgeError):
 
 class RemoteError(SfedgeError):
     """Copying to or running on a remote device failed."""
+
+
+# What each optional extra brings (pyproject.toml), for the one install hint every missing-package error gives.
+EXTRAS = {
+    "build": "torch, onnx, onnxruntime, litert-torch, ai-edge-quantizer: the workstation that builds bundles",
+    "runtime": "onnxruntime, ai-edge-litert, polygraphy: what a device needs to verify and profile bundles",
+    "plots": "matplotlib: the PNG plots of reports",
+}
+
+
+def install_hint(extra: str) -> str:
+    """The one-line hint for a missing optional dependency: which extra to install, and what it is for."""
+    return f"pip install 'sfedge[{extra}]' ({EXTRAS[extra]})"

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from sfedge.errors import SfedgeError
 
 __all__ = ["read_schema_json", "write_error", "atomic_path", "atomic_dir", "write_json", "write_text", "sha256_file", "sha256_bytes"]
@@ -30,7 +32,7 @@ def _writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SfedgeError(f"cannot create output folder {folder}: {e.strerror}", "choose a writable folder with -o") from None
+        raise SfedgeError(f"cannot create output folder {folder}: {e.strerror}", "choose a writable folder with -o") from e
     if not os.access(folder, os.W_OK):
         raise SfedgeError(f"output folder {folder} is not writable", "choose a writable folder with -o")
 
@@ -43,7 +45,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     except OSError as e:
-        raise write_error(path, e) from None
+        raise write_error(path, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -53,7 +55,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        raise write_error(path, e) from None
+        raise write_error(path, e) from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -76,7 +78,7 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     except OSError as e:
-        raise write_error(path, e) from None
+        raise write_error(path, e) from e
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
@@ -92,7 +94,7 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
             os.replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(path, e) from None
+        raise write_error(path, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,12 +109,11 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def write_json(path: str | os.PathLike[str], obj: object) -> Path:
     """Write ``obj`` as indented JSON atomically."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o: object) -> object:
-    import numpy as np
-
+def json_default(o: object) -> object:
+    """JSON for the numpy scalars and arrays and the paths that results carry."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -141,7 +142,7 @@ def read_schema_json(path: Path, schema: str, error: type[SfedgeError], rebuild_
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise error(f"{path} is unreadable or corrupt ({e})", rebuild_hint) from None
+        raise error(f"{path} is unreadable or corrupt ({e})", rebuild_hint) from e
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         found = doc.get("schema") if isinstance(doc, dict) else None
         raise error(f"{path} has schema {found!r}", f"this sfedge reads {schema}; {rebuild_hint}")

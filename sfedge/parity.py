@@ -1,17 +1,35 @@
-"""Parity metrics: how far an artifact's outputs are from the fp32 torch reference.
+"""Parity: how far an artifact's outputs are from the fp32 torch reference, and the one gate that judges it.
 
 Numpy only (runs on devices).  Errors are judged against the output's range
-(TOOLCHAIN.md: untrained, near-constant models hide conversion bugs), and for
+(untrained, near-constant models hide conversion bugs: a wrongly converted untrained
+SFConv U-Net was off by 6e-5 on an output range of 0.01), and for
 segmentation the figure users care about is the agreement of thresholded masks.
+
+Every place that decides whether an artifact is good enough goes through two
+functions here: :func:`measure` (run the inputs through a runner, compare
+with the reference) and :func:`gate` (hold a :class:`Parity` to a
+:class:`Tolerance`; on a miss, delete what it was given and raise
+:class:`ParityError`).  The build stages, the on-device engine build and
+``verify`` all use them, so a change to how parity is judged is one change.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Parity", "compare_outputs", "mask_dice"]
+from sfedge.errors import ParityError
+
+__all__ = [
+    "Parity", "Tolerance", "DEFAULT_TOLERANCES", "TOLERANCE_KEYS", "tolerance_for", "compare_outputs", "mask_dice",
+    "measure", "gate", "Scorer",
+]
 
 
 @dataclass
@@ -33,6 +51,59 @@ class Parity:
         d = asdict(self)
         d["relative_max_abs"] = self.relative_max_abs
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Parity | None:
+        """The Parity a manifest or report recorded (None when it recorded none)."""
+        if not d:
+            return None
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise ValueError(f"parity record lacks {', '.join(missing)}")
+        return cls(**{n: d[n] for n in names})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity a precision must reach against the fp32 torch model (None: not checked)."""
+
+    max_abs: float | None = None  # largest |artifact - torch| allowed
+    cosine: float | None = None  # smallest cosine similarity allowed
+    dice_agreement: float | None = None  # smallest Dice between thresholded masks allowed
+
+    def failures(self, parity: Parity | Mapping[str, float]) -> list[str]:
+        """Human-readable reasons ``parity`` misses this tolerance (empty when it passes)."""
+        metrics = parity.as_dict() if isinstance(parity, Parity) else parity
+        out = []
+        if self.max_abs is not None and metrics.get("max_abs", float("inf")) > self.max_abs:
+            out.append(f"max abs {metrics.get('max_abs'):.3g} > {self.max_abs:g}")
+        if self.cosine is not None and metrics.get("cosine", -1.0) < self.cosine:
+            out.append(f"cosine {metrics.get('cosine'):.6f} < {self.cosine:g}")
+        if self.dice_agreement is not None and metrics.get("dice_agreement", -1.0) < self.dice_agreement:
+            out.append(f"mask Dice agreement {metrics.get('dice_agreement'):.4f} < {self.dice_agreement:g}")
+        return out
+
+    def as_dict(self) -> dict[str, float]:
+        """The keys that are checked (None values dropped), as target files and manifests write them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+TOLERANCE_KEYS = tuple(f.name for f in fields(Tolerance))
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerance(max_abs=1e-4, cosine=0.99999),
+    "fp16": Tolerance(cosine=0.999, dice_agreement=0.99),
+    "int8": Tolerance(dice_agreement=0.98),
+    "int8-dynamic": Tolerance(dice_agreement=0.98),
+}
+
+
+def tolerance_for(tolerances: Mapping[str, Tolerance | Mapping[str, float]], precision: str) -> Tolerance:
+    """The tolerance a (parsed or manifest-recorded) ``tolerances`` table sets for ``precision``, else the default."""
+    tol = tolerances.get(precision)
+    if isinstance(tol, Tolerance):
+        return tol
+    return Tolerance(**tol) if tol else DEFAULT_TOLERANCES.get(precision, Tolerance())
 
 
 def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,3 +133,50 @@ def compare_outputs(reference: np.ndarray, output: np.ndarray, threshold: float 
         reference_range=float(ref.max() - ref.min()) if ref.size else 0.0,
         samples=int(ref.shape[0]) if ref.ndim else 1,
     )
+
+
+class Runs(Protocol):
+    """Anything that maps float32 NCHW inputs to float32 NCHW outputs (every backend's Runner does)."""
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+# How a stage scores a file it wrote without importing a runtime itself: (artifact file, inputs, reference) -> Parity.
+# The backend that owns the runtime passes one in (e.g. ONNX Runtime for the export and the Q/DQ search).
+Scorer = Callable[[Path, np.ndarray, np.ndarray], Parity]
+
+
+def measure(runner: Runs, inputs: np.ndarray, reference: np.ndarray) -> Parity:
+    """Run ``inputs`` through ``runner`` and compare with the torch ``reference`` outputs."""
+    return compare_outputs(reference, runner.run(inputs))
+
+
+def gate(
+    parity: Parity,
+    tolerance: Tolerance,
+    what: str,
+    *,
+    cleanup: Iterable[str | os.PathLike[str]] = (),
+) -> Parity:
+    """Return ``parity`` if it meets ``tolerance``; else delete ``cleanup`` and raise ParityError naming ``what``.
+
+    Why delete here: an artifact that missed its tolerance must not be left
+    where it looks whole (a later run or a user would take it for a checked
+    one), and every stage forgetting that in its own way is how it happens.
+    """
+    failures = tolerance.failures(parity)
+    if failures:
+        for path in cleanup:
+            _remove(Path(path))
+        raise ParityError(
+            f"{what} disagrees with the torch model on the held-out split: {'; '.join(failures)}",
+            "loosen the target's [tolerances] only if you accept this, or use another precision",
+        )
+    return parity
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -61,7 +61,7 @@ class Preprocessing:
         try:
             return cls(channels=int(d["channels"]), mean=tuple(map(float, d["mean"])), std=tuple(map(float, d["std"])))
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"bad preprocessing spec {d!r}: {e}", "give channels, mean and std") from None
+            raise ConfigError(f"bad preprocessing spec {d!r}: {e}", "give channels, mean and std") from e
 
 
 # Per-channel statistics of skimage.data.retina() (whole image, 0..1 scale), rounded.

@@ -7,7 +7,7 @@ and cores for phones and boards).  Built-in targets live in the repository's
 ``targets/`` folder (also shipped inside the package); users add their own by
 dropping a file there or passing a path.
 
-Numpy-free and torch-free: the device runtime reads targets from manifests.
+Torch-free: the device runtime reads targets from manifests.
 """
 
 from __future__ import annotations
@@ -18,24 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfedge.backends.registry import BACKENDS, BUILD_BACKENDS
 from sfedge.errors import ConfigError, UnknownNameError
+from sfedge.parity import TOLERANCE_KEYS, Tolerance, tolerance_for
 
-__all__ = [
-    "Target", "Tolerance", "tolerance_for", "load_target", "list_targets", "target_dirs", "BACKENDS", "PRECISIONS", "LAYOUTS",
-    "DEFAULT_TARGET",
-]
+__all__ = ["Target", "load_target", "list_targets", "target_dirs", "PRECISIONS", "LAYOUTS", "DEFAULT_TARGET"]
 
-BACKENDS = ("onnxruntime", "tflite", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 LAYOUTS = ("NCHW", "NHWC")
 DEFAULT_TARGET = "host-cpu"
-# Which precisions each backend can build at all.
-BACKEND_PRECISIONS = {
-    "onnxruntime": ("fp32", "fp16", "int8"),
-    "tflite": ("fp32", "fp16", "int8", "int8-dynamic"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
-TOLERANCE_KEYS = ("max_abs", "cosine", "dice_agreement")
 DEVICE_KEYS = {
     "tensorrt": ("tensorrt", "sm", "jetpack", "gpu", "memory_gb", "dla_cores", "cuda"),
     "cpu": ("arch", "cpu", "cores", "fp16_arithmetic", "memory_gb", "os"),
@@ -44,26 +35,6 @@ TOP_KEYS = (
     "name", "description", "backend", "precisions", "default_precision", "layout", "threads", "input_size",
     "batch", "tolerances", "device",
 )
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Parity a precision must reach against the fp32 torch model (None: not checked)."""
-
-    max_abs: float | None = None  # largest |artifact - torch| allowed
-    cosine: float | None = None  # smallest cosine similarity allowed
-    dice_agreement: float | None = None  # smallest Dice between thresholded masks allowed
-
-    def failures(self, metrics: dict[str, float]) -> list[str]:
-        """Human-readable reasons ``metrics`` miss this tolerance (empty when they pass)."""
-        out = []
-        if self.max_abs is not None and metrics.get("max_abs", float("inf")) > self.max_abs:
-            out.append(f"max abs {metrics.get('max_abs'):.3g} > {self.max_abs:g}")
-        if self.cosine is not None and metrics.get("cosine", -1.0) < self.cosine:
-            out.append(f"cosine {metrics.get('cosine'):.6f} < {self.cosine:g}")
-        if self.dice_agreement is not None and metrics.get("dice_agreement", -1.0) < self.dice_agreement:
-            out.append(f"mask Dice agreement {metrics.get('dice_agreement'):.4f} < {self.dice_agreement:g}")
-        return out
 
 
 @dataclass(frozen=True)
@@ -105,25 +76,9 @@ class Target:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["tolerances"] = {k: {kk: vv for kk, vv in asdict(v).items() if vv is not None} for k, v in self.tolerances.items()}
+        d["tolerances"] = {k: v.as_dict() for k, v in self.tolerances.items()}
         d["backends"], d["precisions"], d["input_size"] = list(self.backends), list(self.precisions), list(self.input_size)
         return d
-
-
-_DEFAULT_TOLERANCES = {
-    "fp32": Tolerance(max_abs=1e-4, cosine=0.99999),
-    "fp16": Tolerance(cosine=0.999, dice_agreement=0.99),
-    "int8": Tolerance(dice_agreement=0.98),
-    "int8-dynamic": Tolerance(dice_agreement=0.98),
-}
-
-
-def tolerance_for(tolerances: dict[str, dict[str, float]], precision: str) -> Tolerance:
-    """The tolerance a (parsed or manifest-recorded) ``tolerances`` table sets for ``precision``, else the default."""
-    tol = tolerances.get(precision)
-    if isinstance(tol, Tolerance):
-        return tol
-    return Tolerance(**tol) if tol else _DEFAULT_TOLERANCES.get(precision, Tolerance())
 
 
 def target_dirs() -> list[Path]:
@@ -179,9 +134,9 @@ def _parse(path: Path) -> Target:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
-        raise _err(path, f"cannot read: {e}") from None
+        raise _err(path, f"cannot read: {e}") from e
     except tomllib.TOMLDecodeError as e:
-        raise _err(path, f"is not valid TOML ({e})") from None
+        raise _err(path, f"is not valid TOML ({e})") from e
     for key in data:
         if key not in TOP_KEYS:
             raise _err(path, f"unknown key '{key}'", f"valid keys: {', '.join(TOP_KEYS)}")
@@ -191,17 +146,17 @@ def _parse(path: Path) -> Target:
     backend = data["backend"]
     backends = tuple(backend) if isinstance(backend, list) else (backend,)
     if not backends:
-        raise _err(path, "'backend' is empty", f"valid choices: {', '.join(BACKENDS)}")
+        raise _err(path, "'backend' is empty", f"valid choices: {', '.join(BUILD_BACKENDS)}")
     for b in backends:
-        _choice(path, "backend", b, BACKENDS)
+        _choice(path, "backend", b, BUILD_BACKENDS)
     precisions = data["precisions"]
     if not isinstance(precisions, list) or not precisions:
         raise _err(path, "'precisions' must be a non-empty list", f"valid choices: {', '.join(PRECISIONS)}")
     for p in precisions:
         _choice(path, "precisions", p, PRECISIONS)
-        if not any(p in BACKEND_PRECISIONS[b] for b in backends):
+        if not any(p in BACKENDS[b].precisions for b in backends):
             raise _err(path, f"precision '{p}' is not supported by backend(s) {', '.join(backends)}",
-                       f"valid choices: {', '.join(sorted({q for b in backends for q in BACKEND_PRECISIONS[b]}))}")
+                       f"valid choices: {', '.join(sorted({q for b in backends for q in BACKENDS[b].precisions}))}")
     default = data.get("default_precision", precisions[0])
     _choice(path, "default_precision", default, tuple(precisions))
     layout = _choice(path, "layout", data.get("layout", "NCHW"), LAYOUTS)
@@ -264,8 +219,8 @@ def _parse(path: Path) -> Target:
 def _tensorrt_version_tuple(path: Path, v: str) -> tuple[int, ...]:
     try:
         parts = tuple(int(x) for x in v.split("."))
-    except ValueError:
-        raise _err(path, f"bad value {v!r} for 'device.tensorrt'", "give a version such as \"10.3\" or \"8.5.2\"") from None
+    except ValueError as e:
+        raise _err(path, f"bad value {v!r} for 'device.tensorrt'", "give a version such as \"10.3\" or \"8.5.2\"") from e
     if not parts or parts[0] < 8:
         raise _err(path, f"TensorRT {v} is not supported", "sfedge supports TensorRT 8.5 and newer")
     return parts

@@ -23,6 +23,8 @@ from torch.nn import functional as F
 
 from sfedge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from sfedge.datasets.fundus import FundusDemo, holdout_region, load_fundus, random_crops
+from sfedge.fileio import sha256_bytes
+from sfedge.models import create_model
 from sfedge.nn.flatness import flatness_loss
 from sfedge.preprocess import FUNDUS_PREPROCESSING, Preprocessing
 
@@ -116,7 +118,7 @@ def train(
         if progress is not None:
             progress(step + 1, losses[-1])
     model.eval()
-    for p in model.parameters():  # keep storage contiguous for the TFLite path (TOOLCHAIN.md)
+    for p in model.parameters():  # keep storage contiguous for the TFLite path (litert-torch#1238)
         p.data = p.data.contiguous()
     return TrainResult(dice=holdout_dice(model, demo, pre), losses=losses, seconds=time.perf_counter() - start, steps=config.steps)
 
@@ -140,8 +142,6 @@ def train_or_load(
     Returns the checkpoint and whether it was trained now.  The file name carries
     a hash of everything that determines the run, so a changed recipe retrains.
     """
-    from sfedge.fileio import sha256_bytes
-
     key = sha256_bytes(json.dumps({"name": name, "model": model_config, "train": config.key()}, sort_keys=True).encode())[:12]
     path = Path(folder) / f"{name}-{key}.safetensors"
     if path.exists():
@@ -168,8 +168,6 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def _train_and_save(
     name: str, model_config: dict, path: Path, config: TrainConfig, progress: Callable[[int, float], None] | None
 ) -> Checkpoint:
-    from sfedge.models import create_model
-
     torch.manual_seed(config.seed)
     model = create_model(name, **model_config)
     result = train(model, config, progress=progress)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfedge.backends.registry import runner_for
 from sfedge.bundle import FileCheck, check_files, load_bundle
 from sfedge.errors import BackendUnavailable, SfedgeError
-from sfedge.parity import compare_outputs
+from sfedge.parity import measure
 
 __all__ = ["ArtifactCheck", "VerifyReport", "verify_bundle"]
 
@@ -55,8 +56,6 @@ class VerifyReport:
 
 def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int | None = None) -> VerifyReport:
     """Re-hash every file and re-run every runnable artifact on the stored held-out inputs."""
-    from sfedge.backends import runner_for
-
     bundle = load_bundle(path)
     files = check_files(bundle)
     tolerance = bundle.tolerance
@@ -66,7 +65,8 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
         if backend is not None and art.backend != backend:
             continue
         rel = str(art.path.relative_to(bundle.path))
-        check = ArtifactCheck(art.backend, rel, art.precision, "skipped", built_parity=dict(art.parity))
+        check = ArtifactCheck(art.backend, rel, art.precision, "skipped",
+                              built_parity=art.parity.as_dict() if art.parity else {})
         checks.append(check)
         if art.kind == "device-folder":
             check.reason = "engine not built yet: run `sfedge build <bundle>` on the device"
@@ -78,7 +78,7 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
             inputs, reference = bundle.reference()
         try:
             with runner_for(art.path, backend=art.backend, threads=threads or bundle.manifest["target"].get("threads")) as r:
-                out = r.run(inputs)
+                parity = measure(r, inputs, reference)
         except BackendUnavailable as e:
             check.reason = str(e)
             continue
@@ -87,9 +87,8 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
         except Exception as e:  # a runtime that cannot load the file: the artifact is broken
             check.status, check.reason = "fail", f"runtime error: {e}".splitlines()[0]
             continue
-        par = compare_outputs(reference, out).as_dict()
-        check.parity = par
-        failures = tolerance.failures(par)
+        check.parity = parity.as_dict()
+        failures = tolerance.failures(parity)
         check.status = "fail" if failures else "pass"
         check.reason = "; ".join(failures)
     return VerifyReport(str(bundle.path), files, checks)

@@ -28,8 +28,8 @@ def demo_checkpoints() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_sources(demo_checkpoints):
     """ModelSource per demo model at 256x256 (the host-cpu input size)."""
-    from sfedge.backends.base import ModelSource
     from sfedge.checkpoint import load_checkpoint
+    from sfedge.source import ModelSource
 
     return {name: ModelSource.from_checkpoint(load_checkpoint(p), (256, 256)) for name, p in demo_checkpoints.items()}
 

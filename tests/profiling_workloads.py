@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from sfedge.backends.base import Runner, TensorSpec
+from sfedge.artifact import TensorSpec
+from sfedge.backends.base import Runner
 
 RUNNER_SPEC = f"{Path(__file__).resolve()}:BusyLoopRunner"
 
@@ -34,7 +35,7 @@ class BusyLoopRunner(Runner):
 
     backend = "busyloop"
 
-    def load(self) -> None:
+    def _load(self) -> None:
         spec = json.loads(self.path.read_text())
         self.iterations, self.repeats = int(spec["iterations"]), int(spec.get("repeats", 1))
         rng = np.random.default_rng(1)
@@ -44,13 +45,13 @@ class BusyLoopRunner(Runner):
         self.inputs = [TensorSpec("x", [1], "float32", "NCHW")]
         self.outputs = [TensorSpec("y", [64, 64], "float32", "NCHW")]
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for _ in range(self.repeats):
             for _ in range(self.iterations):
                 np.dot(self._x, self._y, out=self._z)
         return {"y": self._z}
 
-    def close(self) -> None:
+    def _close(self) -> None:
         pass
 
 

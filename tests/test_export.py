@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from exporting import export_checked
 
-from sfedge.backends.base import ModelSource
 from sfedge.errors import ExportError
-from sfedge.export import export_onnx, read_onnx_metadata
-from sfedge.targets import Tolerance
+from sfedge.onnx_metadata import read_onnx_metadata
+from sfedge.parity import Tolerance
+from sfedge.source import ModelSource
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -20,7 +21,7 @@ def exported(demo_sources, fundus_calibration, tmp_path_factory):
     """The trained demo U-Nets exported once, checked on the held-out fundus crops."""
     folder = tmp_path_factory.mktemp("export")
     return {
-        name: export_onnx(src, folder / f"{name}.onnx", check_inputs=fundus_calibration.holdout)
+        name: export_checked(src, folder / f"{name}.onnx", check_inputs=fundus_calibration.holdout)
         for name, src in demo_sources.items()
     }
 
@@ -30,8 +31,8 @@ def test_export_matches_torch_on_real_images(exported, demo_sources, fundus_cali
     art = exported[name]
     tol = Tolerance(max_abs=1e-4, cosine=0.99999)
     assert tol.failures(art.parity) == []
-    assert art.parity["samples"] == len(fundus_calibration.holdout)
-    assert art.parity["reference_range"] > 1.0  # a trained model: outputs are not near-constant
+    assert art.parity.samples == len(fundus_calibration.holdout)
+    assert art.parity.reference_range > 1.0  # a trained model: outputs are not near-constant
     # The file really is what was checked: rerun it independently.
     import onnxruntime as ort
 
@@ -69,13 +70,13 @@ def test_export_is_simplified(tmp_path) -> None:
 
     model = _perturbed("factorizer-sfconv", widths=[16, 32], input_size=[32, 32])
     src = ModelSource(model, "factorizer-sfconv", model.sfedge_config, "perturbed", (1, 3, 32, 32))
-    raw = onnx.load(str(export_onnx(src, tmp_path / "raw.onnx", simplify=False).path))
-    slim = export_onnx(src, tmp_path / "slim.onnx")
+    raw = onnx.load(str(export_checked(src, tmp_path / "raw.onnx", simplify=False).path))
+    slim = export_checked(src, tmp_path / "slim.onnx")
     nodes = onnx.load(str(slim.path)).graph.node
     assert len(nodes) < len(raw.graph.node)
     assert any(n.op_type == "Constant" for n in raw.graph.node)
     assert not any(n.op_type in ("Constant", "Identity") for n in nodes)
-    assert slim.parity["max_abs"] < 1e-4
+    assert slim.parity.max_abs < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -92,8 +93,8 @@ def test_factorizer_export_matches_torch(tmp_path, name, cfg) -> None:
     x = np.random.default_rng(3).random((2, 3, h, w), dtype=np.float32)
     ref = src.reference(x)
     assert ref.std() > 0.05  # non-trivial outputs
-    art = export_onnx(src, tmp_path / f"{name}.onnx", check_inputs=x)
-    assert art.parity["max_abs"] < 1e-4 and art.parity["cosine"] > 0.99999
+    art = export_checked(src, tmp_path / f"{name}.onnx", check_inputs=x)
+    assert art.parity.max_abs < 1e-4 and art.parity.cosine > 0.99999
     assert read_onnx_metadata(art.path)["config"]["swin"] == cfg.get("swin", False)
 
 
@@ -117,11 +118,11 @@ def test_export_that_disagrees_with_torch_fails_and_writes_nothing(tmp_path) -> 
     x = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32) + 0.5
     target = tmp_path / "out" / "model.onnx"
     with pytest.raises(ExportError, match="disagrees with the torch model") as err:
-        export_onnx(src, target, check_inputs=x)
+        export_checked(src, target, check_inputs=x)
     assert "\n" not in str(err.value)
     assert list(target.parent.iterdir()) == []  # no model, no temporary file
     # The same model with inputs on the traced branch exports fine: the check, not the exporter, refused it.
-    ok = export_onnx(src, target, check_inputs=-x)
+    ok = export_checked(src, target, check_inputs=-x)
     assert ok.path.is_file()
 
 
@@ -130,7 +131,7 @@ def test_opset_is_configurable(tmp_path, opset) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1)).eval()
     src = ModelSource(model, "tiny", {}, "none", (1, 3, 16, 16))
-    art = export_onnx(src, tmp_path / "tiny.onnx", opset=opset)
+    art = export_checked(src, tmp_path / "tiny.onnx", opset=opset)
     model_proto = onnx.load(str(art.path))
     assert {o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")} == {opset}
     assert read_onnx_metadata(art.path)["opset"] == opset == art.meta["opset"]
@@ -138,7 +139,7 @@ def test_opset_is_configurable(tmp_path, opset) -> None:
 
 def test_check_inputs_of_the_wrong_size_are_refused(demo_sources, tmp_path) -> None:
     with pytest.raises(ExportError, match="input size"):
-        export_onnx(demo_sources["unet"], tmp_path / "m.onnx", check_inputs=np.zeros((1, 3, 64, 64), np.float32))
+        export_checked(demo_sources["unet"], tmp_path / "m.onnx", check_inputs=np.zeros((1, 3, 64, 64), np.float32))
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from sfedge.backends import backend_module, runner_for
+from sfedge.backends.maker import maker
+from sfedge.backends.registry import runner_class, runner_for
 from sfedge.errors import ExportError, ParityError
-from sfedge.export import read_onnx_metadata
+from sfedge.onnx_metadata import read_onnx_metadata
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -22,14 +23,13 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp32(demo_sources, host_target, fundus_calibration, workdir):
-    ort_backend = backend_module("onnxruntime")
-    return ort_backend.make(demo_sources["unet-sfconv"], host_target, "fp32", fundus_calibration, workdir)
+    return maker("onnxruntime")(demo_sources["unet-sfconv"], host_target, "fp32", fundus_calibration, workdir)
 
 
 def test_registry_finds_the_runner(fp32) -> None:
-    from sfedge.backends.onnxruntime import OnnxRuntimeRunner
+    from sfedge.backends.onnxruntime.runner import OnnxRuntimeRunner
 
-    assert backend_module("onnxruntime").RUNNER is OnnxRuntimeRunner
+    assert runner_class("onnxruntime") is OnnxRuntimeRunner
     assert isinstance(runner_for(fp32.path, threads=2), OnnxRuntimeRunner)
 
 
@@ -69,7 +69,7 @@ def test_runner_reports_a_missing_file_in_one_line(tmp_path) -> None:
 def test_make_fp32_meets_the_targets_tolerance(fp32, host_target) -> None:
     assert fp32.path.is_file() and fp32.precision == "fp32"
     assert host_target.tolerance("fp32").failures(fp32.parity) == []
-    assert fp32.parity["samples"] == 16
+    assert fp32.parity.samples == 16
 
 
 @pytest.mark.parametrize("name", ["unet", "unet-sfconv"])
@@ -77,22 +77,26 @@ def test_make_int8_reaches_the_int8_tolerance_with_mixed_precision(
     name, demo_sources, host_target, fundus_calibration, workdir
 ) -> None:
     """The TRAINED demo models: Q/DQ int8 with the fewest float layers that give mask Dice agreement >= 0.98."""
-    art = backend_module("onnxruntime").make(demo_sources[name], host_target, "int8", fundus_calibration, workdir)
+    art = maker("onnxruntime")(demo_sources[name], host_target, "int8", fundus_calibration, workdir)
     tol = host_target.tolerance("int8")
     assert tol.dice_agreement is not None and tol.dice_agreement >= 0.98
-    assert tol.failures(art.parity) == [] and art.parity["samples"] == 16
+    assert tol.failures(art.parity) == [] and art.parity.samples == 16
     mp = art.meta["mixed_precision"]
     assert mp["met"] and mp["float_layers"] == art.float_layers
-    if tol.failures(mp["all_int8_parity"]):  # all-int8 missed: the greedy moved layers to float, most sensitive first
-        ranking = [s["layer"] for s in art.meta["sensitivity"]]
-        assert art.float_layers and set(art.float_layers) == set(ranking[: len(art.float_layers)])
+    table = art.meta["sensitivity"]
+    if tol.failures(mp["all_int8_parity"]):  # all-int8 missed: the search moved layers to float, most sensitive first
+        ranking = [s["layer"] for s in table]
+        assert art.float_layers and art.float_layers == ranking[: len(art.float_layers)]
+        assert len(table) == art.meta["layers"]
+        assert all({"layer", "role", "dice_agreement", "score", "cost"} <= set(s) for s in table)
+        assert all(np.isfinite(s["score"]) and s["samples"] == 8 for s in table)  # ranked on calibration samples
+        assert 0 < mp["float_cost"] < mp["total_cost"]
+    else:  # all-int8 met the tolerance: nothing was ranked, nothing stayed float
+        assert table == [] and art.float_layers == []
     assert read_onnx_metadata(art.path)["float_layers"] == art.float_layers
     assert art.meta["calibration_method"] == "entropy"
     ranges_file = art.path.with_name(art.meta["ranges_file"])
     assert ranges_file in art.files and json.loads(ranges_file.read_text())["method"] == "entropy"
-    table = art.meta["sensitivity"]
-    assert len(table) == art.meta["layers"] and all({"layer", "role", "dice_agreement", "score"} <= set(s) for s in table)
-    assert all(np.isfinite(s["score"]) for s in table)
     # The file on disk is what was checked.
     with runner_for(art.path, threads=host_target.threads) as runner:
         y = runner.run(fundus_calibration.holdout[:2])
@@ -102,20 +106,21 @@ def test_make_int8_reaches_the_int8_tolerance_with_mixed_precision(
 
 
 def test_make_fp16_runs_in_onnxruntime(demo_sources, host_target, fundus_calibration, workdir) -> None:
-    art = backend_module("onnxruntime").make(demo_sources["unet"], host_target, "fp16", fundus_calibration, workdir)
+    art = maker("onnxruntime")(demo_sources["unet"], host_target, "fp16", fundus_calibration, workdir)
     assert art.precision == "fp16" and read_onnx_metadata(art.path)["precision"] == "fp16"
     assert host_target.tolerance("fp16").failures(art.parity) == []
-    assert art.parity["max_abs"] > 0  # really fp16
+    assert art.parity.max_abs > 0  # really fp16
 
 
 def test_make_refuses_an_artifact_outside_the_tolerance(demo_sources, fundus_calibration, workdir) -> None:
     """A target demanding fp32-grade agreement from fp16 gets a one-line ParityError naming the artifact."""
     from dataclasses import replace
 
-    from sfedge.targets import Tolerance, load_target
+    from sfedge.parity import Tolerance
+    from sfedge.targets import load_target
 
     strict = replace(load_target("host-cpu"), tolerances={"fp32": Tolerance(max_abs=1e-4), "fp16": Tolerance(max_abs=1e-7)})
     with pytest.raises(ParityError, match="the fp16 ONNX Runtime artifact .* disagrees") as err:
-        backend_module("onnxruntime").make(demo_sources["unet"], strict, "fp16", fundus_calibration, workdir / "strict")
+        maker("onnxruntime")(demo_sources["unet"], strict, "fp16", fundus_calibration, workdir / "strict")
     assert "\n" not in str(err.value)
     assert not list((workdir / "strict").glob("*fp16*"))  # the failing artifact is not left behind

@@ -13,7 +13,9 @@ import pytest
 from profiling_workloads import RUNNER_SPEC, busy_loop, matmul_chain, wrap_bundle
 
 from sfedge.errors import SfedgeError
-from sfedge.profile.measure import MeasureConfig, Subject, measure, measure_pair, pair_up, subjects_from
+from sfedge.profile.schedule import measure, measure_pair
+from sfedge.profile.subjects import pair_up, subjects_from
+from sfedge.profile.types import MeasureConfig, Subject
 
 FAST = MeasureConfig(warmup_runs=2, warmup_seconds=0.1, runs=20, min_seconds=0.3)
 

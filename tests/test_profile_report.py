@@ -13,8 +13,9 @@ import pytest
 from profiling_workloads import matmul_chain
 
 from sfedge.profile.compare import compare_reports
-from sfedge.profile.measure import MeasureConfig, Subject, profile_subjects
 from sfedge.profile.report import REPORT_JSON, Report, load_report
+from sfedge.profile.schedule import profile_subjects
+from sfedge.profile.types import MeasureConfig, Subject
 
 CFG = MeasureConfig(warmup_runs=1, warmup_seconds=0.05, runs=20, min_seconds=0.1)
 

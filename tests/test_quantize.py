@@ -1,15 +1,17 @@
-"""Calibration ranges, the TensorRT-style Q/DQ graph, fp16 ONNX and per-layer sensitivity."""
+"""Calibration ranges, the TensorRT-style Q/DQ graph, fp16 ONNX and the Q/DQ side of the precision search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from exporting import export_checked
 
+from sfedge.backends.onnxruntime.make import ort_scorer
 from sfedge.errors import ConfigError, UnknownNameError
-from sfedge.export import export_onnx, read_onnx_metadata
-from sfedge.quantize.qdq import measure_onnx_parity, quantizable_layers, quantize_qdq, to_fp16
+from sfedge.onnx_metadata import read_onnx_metadata
+from sfedge.quantize.mixed import QdqSearch, onnx_layer_macs
+from sfedge.quantize.qdq import quantizable_layers, quantize_qdq, to_fp16
 from sfedge.quantize.ranges import compute_ranges, entropy_threshold, read_ranges
-from sfedge.quantize.sensitivity import layer_sensitivity
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -20,7 +22,7 @@ from onnx import numpy_helper  # noqa: E402
 def sfconv_onnx(demo_sources, fundus_calibration, tmp_path_factory):
     """The trained SFConv demo U-Net exported once."""
     folder = tmp_path_factory.mktemp("quantize")
-    return export_onnx(demo_sources["unet-sfconv"], folder / "unet-sfconv.onnx", check_inputs=fundus_calibration.holdout)
+    return export_checked(demo_sources["unet-sfconv"], folder / "unet-sfconv.onnx", check_inputs=fundus_calibration.holdout)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def qdq(sfconv_onnx, fundus_calibration, ranges, demo_sources):
     """Every layer int8 with entropy ranges, parity measured on the held-out split."""
     ref = demo_sources["unet-sfconv"].reference(fundus_calibration.holdout)
     return quantize_qdq(sfconv_onnx, fundus_calibration, sfconv_onnx.path.with_name("int8.onnx"),
-                        ranges=ranges["entropy"], reference=ref)
+                        ranges=ranges["entropy"], reference=ref, score=ort_scorer())
 
 
 def _graph(path):
@@ -153,23 +155,44 @@ def test_float_nodes_stay_float(sfconv_onnx, fundus_calibration, ranges, tmp_pat
 
 def test_int8_runs_in_onnxruntime_close_to_torch(qdq) -> None:
     p = qdq.parity
-    assert p["samples"] == 16 and np.isfinite(p["max_abs"])
-    assert p["cosine"] > 0.99 and p["dice_agreement"] > 0.9  # close, but not fp32-close
-    assert p["max_abs"] > 1e-3  # really quantized
+    assert p.samples == 16 and np.isfinite(p.max_abs)
+    assert p.cosine > 0.99 and p.dice_agreement > 0.9  # close, but not fp32-close
+    assert p.max_abs > 1e-3  # really quantized
 
 
-def test_sensitivity_ranks_every_layer(sfconv_onnx, fundus_calibration, ranges, demo_sources, qdq) -> None:
-    ref = demo_sources["unet-sfconv"].reference(fundus_calibration.holdout)
-    layers = quantizable_layers(sfconv_onnx.path)
-    pick = [layers[0], layers[len(layers) // 2], layers[-1]]
-    table = layer_sensitivity(sfconv_onnx, fundus_calibration, ref, ranges=ranges["entropy"], layers=pick, samples=4)
-    assert sorted(s.layer for s in table) == sorted(pick)
-    assert [s.score for s in table] == sorted((s.score for s in table), reverse=True)
-    assert all(s.samples == 4 and s.mean_abs > 0 for s in table)
-    # One layer in int8 hurts less than all of them.
-    assert table[0].mean_abs < qdq.parity["mean_abs"]
-    assert {s.role for s in table} <= {"sfconv 1xk (to rank r)", "sfconv kx1 (rank-r input)", "dense conv",
-                                       "up (transposed conv)", "head (1x1)"}
+def test_qdq_search_adapter_probes_one_layer_on_calibration_samples(sfconv_onnx, fundus_calibration, ranges,
+                                                                     demo_sources, qdq, tmp_path) -> None:
+    """The Q/DQ adapter: a probe quantizes one layer alone and is scored on calibration samples, not the held-out ones."""
+    src = demo_sources["unet-sfconv"]
+    probe_ref = src.reference(fundus_calibration.calibration[:4])
+    adapter = QdqSearch(sfconv_onnx, fundus_calibration, tmp_path / "cand.onnx", ranges["entropy"], "entropy",
+                        ort_scorer(), src.reference(fundus_calibration.holdout), probe_ref, tmp_path)
+    layers = adapter.layers()
+    assert [layer.name for layer in layers] == quantizable_layers(sfconv_onnx.path)
+    assert {layer.role for layer in layers} <= {"sfconv 1xk (to rank r)", "sfconv kx1 (rank-r input)", "dense conv",
+                                                "up (transposed conv)", "head (1x1)"}
+    one = adapter.probe(layers[0].name)
+    assert one.samples == 4 and one.mean_abs > 0
+    assert one.mean_abs < qdq.parity.mean_abs  # one layer in int8 hurts less than all of them
+    # Costs are MACs from the graph's shapes: every layer has some, and they add up to the model's conv MACs.
+    assert all(adapter.cost(layer.name) > 0 for layer in layers)
+    every = adapter.build([])
+    assert every.samples == len(fundus_calibration.holdout) and (tmp_path / "cand.onnx").is_file()
+
+
+def test_onnx_layer_macs_counts_conv_and_transposed_conv() -> None:
+    """MACs per node from ONNX shapes: Co*H*W outputs x Ci*k*k for a conv; Ci*H*W inputs x Co*k*k for a transposed conv."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.zeros((8, 4, 3, 3), np.float32), "w")
+    wt = numpy_helper.from_array(np.zeros((8, 2, 2, 2), np.float32), "wt")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("ConvTranspose", ["y", "wt"], ["z"], name="up", strides=[2, 2])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 32, 32])], [w, wt])
+    macs = onnx_layer_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert macs == {"conv": 8 * 16 * 16 * 4 * 3 * 3, "up": 8 * 16 * 16 * 2 * 2 * 2}
 
 
 def test_fp16_keeps_float32_io_and_runs(sfconv_onnx, fundus_calibration, demo_sources, tmp_path) -> None:
@@ -180,7 +203,7 @@ def test_fp16_keeps_float32_io_and_runs(sfconv_onnx, fundus_calibration, demo_so
     weights = [t for t in model.graph.initializer if len(t.dims) == 4]
     assert weights and all(t.data_type == f16 for t in weights)
     ref = demo_sources["unet-sfconv"].reference(fundus_calibration.holdout)
-    p = measure_onnx_parity(art.path, fundus_calibration.holdout, ref)
+    p = ort_scorer()(art.path, fundus_calibration.holdout, ref)
     assert p.cosine > 0.999 and p.dice_agreement > 0.99 and p.max_abs > 1e-5  # fp16, not fp32
     assert read_onnx_metadata(art.path)["precision"] == "fp16"
 
@@ -189,13 +212,13 @@ def test_nmf_stays_float32_in_fp16_and_int8(tmp_path) -> None:
     """The Factorizer's NMF (eps 1e-8, all-zero windows) is never fp16 and never int8."""
     from test_factorizer import _perturbed
 
-    from sfedge.backends.base import ModelSource
     from sfedge.calibration import load_calibration
+    from sfedge.source import ModelSource
 
     model = _perturbed("factorizer", widths=[16, 32], input_size=[32, 32])
     src = ModelSource(model, "factorizer", model.sfedge_config, "perturbed", (1, 3, 32, 32))
     calib = load_calibration("fundus-demo", (32, 32))
-    fp32 = export_onnx(src, tmp_path / "f.onnx", check_inputs=calib.holdout)
+    fp32 = export_checked(src, tmp_path / "f.onnx", check_inputs=calib.holdout)
     ref = src.reference(calib.holdout)
 
     art = to_fp16(fp32, tmp_path / "f16.onnx")
@@ -206,14 +229,14 @@ def test_nmf_stays_float32_in_fp16_and_int8(tmp_path) -> None:
     assert nmf_nodes
     for node in nmf_nodes:
         assert all(types.get(i) == onnx.TensorProto.FLOAT for i in node.input if i in types), node.name
-    p16 = measure_onnx_parity(art.path, calib.holdout, ref)
+    p16 = ort_scorer()(art.path, calib.holdout, ref)
     assert np.isfinite(p16.max_abs) and p16.cosine > 0.999
 
     assert not any("/nmf/" in n for n in quantizable_layers(fp32.path))
-    q = quantize_qdq(fp32, calib, tmp_path / "int8.onnx", method="minmax", reference=ref)
+    q = quantize_qdq(fp32, calib, tmp_path / "int8.onnx", method="minmax", reference=ref, score=ort_scorer())
     graph = onnx.load(str(q.path)).graph
     producer = {o: n for n in graph.node for o in n.output}
     for node in graph.node:
         if "/nmf/" in node.name:
             assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input)
-    assert np.isfinite(q.parity["max_abs"]) and q.parity["cosine"] > 0.99
+    assert np.isfinite(q.parity.max_abs) and q.parity.cosine > 0.99

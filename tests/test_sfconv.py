@@ -75,7 +75,7 @@ def test_rank_rule_and_bias_placement() -> None:
 
 
 def test_from_dense_weights_are_contiguous() -> None:
-    # litert-torch bakes non-contiguous constants in storage order (TOOLCHAIN.md); SVD factors are column-major.
+    # litert-torch bakes non-contiguous constants in storage order (litert-torch#1238); SVD factors are column-major.
     layer = SFConv2d.from_dense(nn.Conv2d(8, 8, 3), s=0.5)
     assert all(p.is_contiguous() for p in layer.parameters())
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sfedge.errors import ConfigError
-from sfedge.profile.sweep import SweepPoint, SweepResult, parse_s_values
+from sfedge.sweep import SweepPoint, SweepResult, parse_s_values
 
 SMALL_TARGET = """name = "sweep-test-cpu"
 description = "ONNX Runtime on this CPU at 64x64 (a small, fast target for the sweep test)"

@@ -23,16 +23,17 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def real_ranges(demo_checkpoints, fundus_calibration, tmp_path_factory):
     """(onnx path, minmax ranges) of the trained U-Net on real fundus crops (centre 64x64)."""
-    from sfedge.backends.base import ModelSource
+    from exporting import export_checked
+
     from sfedge.checkpoint import load_checkpoint
-    from sfedge.export import export_onnx
     from sfedge.quantize.ranges import compute_ranges
+    from sfedge.source import ModelSource
 
     calib = dataclasses.replace(fundus_calibration, calibration=fundus_calibration.calibration[:8, :, 96:160, 96:160],
                                 holdout=fundus_calibration.holdout[:4, :, 96:160, 96:160])
     source = ModelSource.from_checkpoint(load_checkpoint(demo_checkpoints["unet"]), (64, 64))
     path = tmp_path_factory.mktemp("calib") / "unet.onnx"
-    export_onnx(source, path, check_inputs=calib.holdout)
+    export_checked(source, path, check_inputs=calib.holdout)
     return path, compute_ranges(path, calib, "minmax")
 
 

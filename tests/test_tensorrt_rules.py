@@ -27,13 +27,14 @@ def small_calibration(fundus_calibration):
 @pytest.fixture(scope="module")
 def unet_onnx(demo_checkpoints, small_calibration, tmp_path_factory):
     """The trained demo U-Net exported the way the TensorRT stage exports it (opset 17, static 64x64)."""
-    from sfedge.backends.base import ModelSource
+    from exporting import export_checked
+
     from sfedge.checkpoint import load_checkpoint
-    from sfedge.export import export_onnx
+    from sfedge.source import ModelSource
 
     source = ModelSource.from_checkpoint(load_checkpoint(demo_checkpoints["unet"]), (64, 64))
     path = tmp_path_factory.mktemp("rules") / "unet.onnx"
-    return export_onnx(source, path, check_inputs=small_calibration.holdout)
+    return export_checked(source, path, check_inputs=small_calibration.holdout)
 
 
 def _rules(violations) -> set[str]:

@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from sfedge.backends.tensorrt import (
-    TensorRTRunner,
-    build_from_folder,
-    detect_gpu,
-    engine_cache_key,
-    lint_onnx,
-    make,
-    read_calibration_cache,
-    trtexec_command,
-    write_build_script,
-)
-from sfedge.backends.tensorrt.gpu import _run_probe
+from sfedge.backends.tensorrt.calibration_cache import read_calibration_cache
+from sfedge.backends.tensorrt.commands import trtexec_command, write_build_script
+from sfedge.backends.tensorrt.engine_cache import engine_cache_key
+from sfedge.backends.tensorrt.folder import build_from_folder
+from sfedge.backends.tensorrt.gpu import _run_probe, detect_gpu
+from sfedge.backends.tensorrt.make import make
+from sfedge.backends.tensorrt.rules import lint_onnx
+from sfedge.backends.tensorrt.runner import TensorRTRunner
 from sfedge.errors import BackendUnavailable, ConfigError
 from sfedge.fileio import sha256_file
 from sfedge.targets import load_target
@@ -137,8 +133,8 @@ def small_calibration(fundus_calibration):
 
 @pytest.fixture(scope="module")
 def unet(demo_checkpoints):
-    from sfedge.backends.base import ModelSource
     from sfedge.checkpoint import load_checkpoint
+    from sfedge.source import ModelSource
 
     return ModelSource.from_checkpoint(load_checkpoint(demo_checkpoints["unet"]), (64, 64))
 
@@ -149,7 +145,7 @@ def unet_stem(unet):
     test_sfedge_qdq_output_passes_the_lint) with meaningful logits, for the int8 folder."""
     from torch import nn
 
-    from sfedge.backends.base import ModelSource
+    from sfedge.source import ModelSource
 
     model = nn.Sequential(unet.model.inc, unet.model.head).eval()
     return ModelSource(model, "unet-stem", {}, unet.weights_sha256, (1, 3, 64, 64))
@@ -197,7 +193,7 @@ def test_make_fp32_for_jetpack5_writes_a_device_folder(unet, small_calibration, 
     artifact = make(unet, target, "fp32", small_calibration, tmp_path)
     plan = _check_folder(artifact, target, "fp32", tmp_path)
     assert plan["onnx"] == "model.onnx" and "--buildOnly" in plan["trtexec"]
-    assert artifact.parity["max_abs"] <= 1e-4  # the ONNX stand-in, checked against torch on real crops
+    assert artifact.parity.max_abs <= 1e-4  # the ONNX stand-in, checked against torch on real crops
     import onnx
 
     opset = next(o.version for o in onnx.load(str(artifact.path / "model.onnx")).opset_import if o.domain == "")
@@ -235,7 +231,7 @@ def test_make_int8_writes_qdq_onnx_and_calibration_cache(unet_stem, small_calibr
     assert set(ranges) == {t for n in fp32.graph.node for t in [*n.input, *n.output] if t and t not in inits}
     assert "--calib=calibration.cache" in plan["fallback"]["trtexec"]
     assert "# sed -i" in (artifact.path / "build_engine.sh").read_text()  # relabels the cache for the device
-    assert artifact.parity["dice_agreement"] >= 0.5
+    assert artifact.parity.dice_agreement >= 0.5
 
 
 def test_make_refuses_a_target_without_tensorrt(unet, small_calibration, tmp_path) -> None:

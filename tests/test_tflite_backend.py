@@ -17,14 +17,16 @@ pytest.importorskip("ai_edge_litert")
 
 import torch  # noqa: E402
 
-from sfedge.backends import backend_module, runner_for  # noqa: E402
-from sfedge.backends.base import ModelSource, from_artifact_tensor, to_artifact_tensor  # noqa: E402
-from sfedge.backends.tflite import float_tflite, make, tflite_layout  # noqa: E402
+from sfedge.artifact import from_artifact_tensor, to_artifact_tensor  # noqa: E402
+from sfedge.backends.registry import runner_class, runner_for  # noqa: E402
+from sfedge.backends.tflite.convert import tflite_layout  # noqa: E402
+from sfedge.backends.tflite.make import float_tflite, make  # noqa: E402
 from sfedge.backends.tflite.ops import op_report  # noqa: E402
 from sfedge.backends.tflite.quantize import build_recipe, calibrate, write_quantized  # noqa: E402
 from sfedge.backends.tflite.runner import TFLiteRunner  # noqa: E402
 from sfedge.errors import ParityError  # noqa: E402
 from sfedge.parity import compare_outputs  # noqa: E402
+from sfedge.source import ModelSource  # noqa: E402
 from sfedge.targets import load_target  # noqa: E402
 
 DEMOS = ["unet", "unet-sfconv"]
@@ -99,7 +101,7 @@ def test_fp32_matches_torch(built, demo_sources, fundus_calibration, host_target
     assert parity.max_abs <= host_target.tolerance("fp32").max_abs
     assert parity.reference_range > 1.0  # a trained model: errors are judged against a real output range
     assert parity.dice_agreement > 0.999
-    assert art.parity["max_abs"] == pytest.approx(parity.max_abs, rel=1e-3, abs=1e-7)
+    assert art.parity.max_abs == pytest.approx(parity.max_abs, rel=1e-3, abs=1e-7)
     assert art.inputs[0].layout == "NHWC" and art.inputs[0].shape == [1, 256, 256, 3]
     assert art.outputs[0].shape == [1, 256, 256, 1]
     assert Path(art.files[0]).name.endswith(".ops.json") and Path(art.files[0]).is_file()
@@ -151,24 +153,25 @@ def test_int8_meets_target_on_trained_demo(built, demo_sources, fundus_calibrati
     art = built(name, "int8")
     tol = host_target.tolerance("int8")
     parity = _independent_parity(art, demo_sources[name], fundus_calibration)
-    assert not tol.failures(parity.as_dict()), parity
+    assert not tol.failures(parity), parity
     assert art.outputs[0].dtype == "int8" and art.outputs[0].scale is not None
     report = op_report(art.path)
     assert report.fully_delegated and not report.transpose_at_input and not report.transpose_at_output
     assert art.meta["recipe"] and Path(art.path.with_suffix(".recipe.json")).is_file()
-    attempts = art.meta["quantize"]["attempts"]
-    assert attempts[0]["config"] == "all layers quantized"
-    if art.float_layers:  # mixed precision was needed: the notes say which layers, the attempts how it got there
+    steps = art.meta["quantize"]["search"]["steps"]
+    assert steps[0]["float_layers"] == 0 and steps[0]["added"] is None  # all layers quantized first
+    if art.float_layers:  # mixed precision was needed: the notes say which layers, the steps how it got there
         assert any(", ".join(art.float_layers) in n for n in art.notes)
-        assert len(attempts) >= 2 and attempts[-1]["float_layers"] >= len(art.float_layers)
-        assert attempts[-1]["config"] == "input layer(s) float" or art.meta["quantize"]["sensitivity"]
+        assert steps[-1]["float_layers"] == len(art.float_layers)
+        ranking = [s["layer"] for s in art.meta["quantize"]["search"]["sensitivity"]]
+        assert art.float_layers == ranking[: len(art.float_layers)]
 
 
 def test_fp16_halves_the_file_and_matches(built, demo_sources, fundus_calibration, host_target) -> None:
     fp32, fp16 = built("unet-sfconv", "fp32"), built("unet-sfconv", "fp16")
     assert fp16.path.stat().st_size < 0.6 * fp32.path.stat().st_size
     parity = _independent_parity(fp16, demo_sources["unet-sfconv"], fundus_calibration)
-    assert not host_target.tolerance("fp16").failures(parity.as_dict())
+    assert not host_target.tolerance("fp16").failures(parity)
     assert op_report(fp16.path).ops.get("DEQUANTIZE", 0) > 0  # fp16 constants, dequantized at load
 
 
@@ -241,5 +244,6 @@ def test_parity_failure_raises_one_line_and_leaves_no_artifact(tmp_path, demo_so
 
 
 def test_registry_exposes_backend() -> None:
-    mod = backend_module("tflite")
-    assert mod.RUNNER is TFLiteRunner and callable(mod.make)
+    from sfedge.backends.maker import maker
+
+    assert runner_class("tflite") is TFLiteRunner and maker("tflite") is make

@@ -71,7 +71,7 @@ DEVICE_SCRIPT = r"""
 import importlib.util, json, sys
 from pathlib import Path
 import numpy as np
-from sfedge.backends import runner_for
+from sfedge.backends.registry import runner_for
 
 assert importlib.util.find_spec("ai_edge_litert") is None, "this venv must not have ai-edge-litert"
 assert importlib.util.find_spec("torch") is None
@@ -90,7 +90,7 @@ print(json.dumps(report))
 def test_runner_falls_back_to_tflite_runtime(tmp_path, demo_sources, fundus_calibration) -> None:
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_quantizer")
-    from sfedge.backends.tflite import float_tflite
+    from sfedge.backends.tflite.make import float_tflite
     from sfedge.backends.tflite.quantize import build_recipe, calibrate, write_quantized
     from sfedge.backends.tflite.runner import TFLiteRunner
     from sfedge.parity import compare_outputs

@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sfedge.bundle import is_bundle
 from sfedge.console import console, err_console, fmt_bytes, print_json, progress_bar, table
+from sfedge.device_build import complete_bundle
 from sfedge.errors import SfedgeError
+from sfedge.targets import DEFAULT_TARGET, list_targets, load_target
 
 EPILOG = """examples:
   sfedge build .cache/demo/unet-sfconv-*.safetensors --target host-cpu --precision int8
@@ -39,9 +42,6 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.bundle import is_bundle
-    from sfedge.targets import DEFAULT_TARGET, list_targets, load_target
-
     if is_bundle(args.model):
         return _complete_on_device(args)
     targets = [t.name for t in list_targets()] if args.all_targets else (args.target or [DEFAULT_TARGET])
@@ -111,8 +111,6 @@ def bundles_table(title: str, results: list) -> Any:
 
 def _complete_on_device(args: argparse.Namespace) -> int:
     """A TensorRT bundle built off-device: build its engine here (needs TensorRT and a GPU)."""
-    from sfedge.device_build import complete_bundle
-
     with progress_bar("engine", enabled=not args.json) as bar:
         result = complete_bundle(Path(args.model), force=args.force, progress=bar)
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sfedge.calibration import list_calibrations, load_calibration
 from sfedge.console import console, print_json, table
 
 EPILOG = """examples:
@@ -25,8 +26,6 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.calibration import list_calibrations, load_calibration
-
     if not args.spec:
         names = list_calibrations()
         if args.json:

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sfedge.console import console, print_json
+from sfedge.profile.compare import compare_reports
+
 __all__ = ["register", "run"]
 
 EPILOG = """examples:
@@ -29,9 +32,6 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.console import console, print_json
-    from sfedge.profile.compare import compare_reports
-
     comparison = compare_reports(args.reports)
     if args.out:
         comparison.write(args.out, plots=not args.no_plots)

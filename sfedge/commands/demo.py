@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sfedge.console import console, fmt_bytes, print_json, progress_bar, table
+from sfedge.commands.build import bundles_table
+from sfedge.console import console, err_console, fmt_bytes, print_json, progress_bar, table
+from sfedge.profile.report import Report
+from sfedge.profile.schedule import profile_subjects
+from sfedge.profile.subjects import pair_up, subjects_from
+from sfedge.profile.types import MeasureConfig
+from sfedge.progress import scaled
 
 EPILOG = """examples:
   sfedge demo                      everything, into ./runs/demo
@@ -66,13 +72,9 @@ def run(args: argparse.Namespace) -> int:
     results = []
     with progress_bar("bundles", total=len(jobs), enabled=not quiet) as bar:
         for i, (n, t, p) in enumerate(jobs):
-            def sub(message: str, fraction: float | None = None, i: int = i, label: str = f"{n} {t} {p}") -> None:
-                bar(f"{label}: {message}", None if fraction is None else (i + fraction) / len(jobs))
-
+            sub = scaled(bar, i / len(jobs), 1 / len(jobs), f"{n} {t} {p}")
             results.append(build_bundle(ckpts[n], t, p, out_dir=out / "bundles", progress=sub))
     if not quiet:
-        from sfedge.commands.build import bundles_table
-
         console.print(bundles_table("bundles built", results))
     summary = {"models": models, "bundles": [r.summary() for r in results]}
     if not args.no_profile:
@@ -84,10 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _profile(results: list, report_dir: Path, quiet: bool) -> dict:
     """Paired SFConv-vs-vanilla profile of the host-cpu bundles: every artifact (ONNX Runtime, TFLite), every precision."""
-    from sfedge.console import err_console
-    from sfedge.profile.measure import MeasureConfig, pair_up, profile_subjects, subjects_from
-    from sfedge.profile.report import Report, pair_rows
-
     host = {(r.bundle.model_name, r.bundle.precision): r.path for r in results if r.bundle.target_name == "host-cpu"}
     pairs = []
     for p in HOST_PRECISIONS:
@@ -104,4 +102,4 @@ def _profile(results: list, report_dir: Path, quiet: bool) -> dict:
         for note in report.notes:
             err_console.print(f"[yellow]note:[/] {note}")
         console.print(f"profile report (JSON, CSV, Markdown, PNG): {report_dir}")
-    return {"report": str(report_dir), "pairs": pair_rows(report)}
+    return {"report": str(report_dir), "pairs": report.pair_rows()}

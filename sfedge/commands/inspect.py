@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sfedge.backends.tflite.ops import op_report
+from sfedge.bundle import check_files, is_bundle, load_bundle
 from sfedge.console import console, fmt_bytes, print_json, table
 from sfedge.errors import ConfigError
 
@@ -32,8 +34,6 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.bundle import is_bundle
-
     if args.models or not args.thing:
         return _models(args)
     p = Path(args.thing)
@@ -85,12 +85,12 @@ def _model(thing: str, hw: tuple[int, int]) -> dict[str, Any]:
 def _onnx(path: Path) -> dict[str, Any]:
     try:
         import onnx
-    except ImportError:
-        raise ConfigError("inspecting .onnx files needs the onnx package", "pip install 'sfedge[build]'") from None
+    except ImportError as err:
+        raise ConfigError("inspecting .onnx files needs the onnx package", "pip install 'sfedge[build]'") from err
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise ConfigError(f"{path} is not a readable ONNX model ({e})".splitlines()[0], "re-export it") from None
+        raise ConfigError(f"{path} is not a readable ONNX model ({e})".splitlines()[0], "re-export it") from e
 
     def io(vs: Any) -> list[dict[str, Any]]:
         out = []
@@ -108,15 +108,11 @@ def _onnx(path: Path) -> dict[str, Any]:
 
 
 def _tflite(path: Path) -> dict[str, Any]:
-    from sfedge.backends.tflite import op_report
-
     rep = op_report(path)
     return {"kind": "tflite", "path": str(path), "size": path.stat().st_size, **rep.as_dict()}
 
 
 def _bundle(path: Path) -> dict[str, Any]:
-    from sfedge.bundle import check_files, load_bundle
-
     b = load_bundle(path)
     fc = check_files(b)
     m = b.manifest

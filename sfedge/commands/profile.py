@@ -11,9 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sfedge.errors import ConfigError
+from sfedge.console import console, err_console, print_json, progress_bar
+from sfedge.errors import RemoteError
+from sfedge.profile.compare import compare_reports
+from sfedge.profile.remote import RemoteOptions, profile_remote
+from sfedge.profile.report import Report
+from sfedge.profile.schedule import profile_subjects
+from sfedge.profile.subjects import pair_up, subjects_from
+from sfedge.profile.types import MeasureConfig
 
-__all__ = ["register", "run", "add_measure_options", "measure_config", "default_out"]
+__all__ = ["register", "run", "default_out"]
 
 EPILOG = """examples:
   sfedge profile bundles/unet-sfconv__host-cpu__fp32 --pair bundles/unet__host-cpu__fp32
@@ -36,7 +43,7 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
                    help="baseline (vanilla) bundle to run alternately with each BUNDLE of the same backend, precision "
                         "and target (repeatable: one per precision)")
     p.add_argument("--backend", help="profile only this backend's artifact (default: every artifact in the bundle)")
-    add_measure_options(p)
+    MeasureConfig.add_arguments(p)
     p.add_argument("-o", "--out", type=Path, help="report folder (default: reports/profile-<time>)")
     p.add_argument("--device", help="name for this device in reports (default: the host name)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -56,46 +63,16 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
     return p
 
 
-def add_measure_options(p: argparse.ArgumentParser) -> None:
-    """The measurement options `profile` and `sweep` share."""
-    g = p.add_argument_group("measurement (trtexec / benchmark_model practice)")
-    g.add_argument("--warmup-runs", type=int, default=1, help="at least this many warm-up runs (default 1)")
-    g.add_argument("--warmup-seconds", type=float, default=0.5, help="and at least this long (default 0.5)")
-    g.add_argument("--runs", type=int, default=50, help="at least this many timed runs (default 50)")
-    g.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long (default 1.0)")
-    g.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target threads)")
-    g.add_argument("--confidence", type=float, default=0.95, help="confidence of the paired ratio's CI (default 0.95)")
-    g.add_argument("--block", type=int, help="runs per alternation round in paired mode (default: about 50 ms)")
-    g.add_argument("--processes", type=int, default=3,
-                   help="worker processes per configuration; their differences enter the CI (default 3; "
-                        "1 on memory-tight devices)")
-
-
-def measure_config(args: argparse.Namespace) -> Any:
-    """MeasureConfig from the shared options."""
-    from sfedge.profile.measure import MeasureConfig
-
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError("--threads must be at least 1", "e.g. --threads 2")
-    return MeasureConfig(warmup_runs=args.warmup_runs, warmup_seconds=args.warmup_seconds, runs=args.runs,
-                         min_seconds=args.min_seconds, threads=args.threads, confidence=args.confidence,
-                         block=args.block, processes=args.processes)
-
-
 def default_out(kind: str) -> Path:
     """reports/<kind>-<local time>: a fresh folder per run, so nothing is overwritten by accident."""
     return Path("reports") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.console import console, err_console, print_json, progress_bar
-
-    config = measure_config(args)
+    config = MeasureConfig.from_args(args)
     out = args.out or default_out("profile")
     if args.remote:
         return _run_remote(args, config, out)
-    from sfedge.profile.measure import pair_up, profile_subjects, subjects_from
-    from sfedge.profile.report import Report, pair_rows, summary_rows
 
     subjects = [s for b in args.bundles for s in subjects_from(b, args.backend)]
     pairs = []
@@ -107,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     report = Report.create(measurements, pairings, config, device=args.device)
     report.write(out, plots=not args.no_plots)
     if args.json:
-        print_json({"report": str(out), "device": report.device, "summary": summary_rows(report),
-                    "pairs": pair_rows(report), "notes": report.notes})
+        print_json({"report": str(out), "device": report.device, "summary": report.summary_rows(),
+                    "pairs": report.pair_rows(), "notes": report.notes})
         return 0
     for t in report.tables():
         console.print(t)
@@ -118,12 +95,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_remote(args: argparse.Namespace, config: Any, out: Path) -> int:
-    from sfedge.console import console, err_console, print_json, progress_bar
-    from sfedge.errors import RemoteError
-    from sfedge.profile.compare import compare_reports
-    from sfedge.profile.remote import RemoteOptions, profile_remote
-
+def _run_remote(args: argparse.Namespace, config: MeasureConfig, out: Path) -> int:
     options = RemoteOptions(ssh_options=list(args.ssh_option), ssh_config=args.ssh_config, python=args.remote_python,
                             install=args.install, keep=args.keep_remote)
     with progress_bar("remote profile", enabled=not args.json) as progress:

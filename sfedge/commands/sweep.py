@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sfedge.commands.profile import add_measure_options, default_out, measure_config
+from sfedge.commands.profile import default_out
+from sfedge.console import console, err_console, print_json, progress_bar
+from sfedge.profile.types import MeasureConfig
 
 __all__ = ["register", "run"]
 
@@ -39,7 +41,7 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--force", action="store_true", help="rebuild bundles even when up to date")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="fine-tune each factorized model this many steps on the fundus demo first (default 0)")
-    add_measure_options(p)
+    MeasureConfig.add_arguments(p)
     p.add_argument("-o", "--out", type=Path, help="report folder (default: reports/sweep-<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--json", action="store_true", help="print the sweep as JSON on stdout instead of a table")
@@ -48,11 +50,10 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.console import console, err_console, print_json, progress_bar
-    from sfedge.profile.sweep import parse_s_values, sweep
+    from sfedge.sweep import parse_s_values, sweep
 
     s_values = parse_s_values(args.s_values)
-    config = measure_config(args)
+    config = MeasureConfig.from_args(args)
     out = args.out or default_out("sweep")
     with progress_bar("sweep", enabled=not args.json) as progress:
         result = sweep(args.model, args.target, s_values, precision=args.precision, backend=args.backend,

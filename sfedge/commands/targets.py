@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sfedge.console import console, print_json, table
+from sfedge.targets import list_targets, load_target
 
 EPILOG = """examples:
   sfedge targets                         list every target found
@@ -32,8 +33,6 @@ def _facts(t) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.targets import list_targets, load_target
-
     if args.target:
         t = load_target(args.target)
         if args.json:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sfedge.console import console, print_json, progress_bar
+from sfedge.errors import ConfigError
 
 EPILOG = """examples:
   sfedge train unet-sfconv --s 0.25 --steps 800 -o runs/unet-sfconv.safetensors
@@ -40,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sfedge.checkpoint import load_checkpoint, save_checkpoint
-    from sfedge.errors import ConfigError
     from sfedge.models import create_model, input_shape
     from sfedge.nn import count_macs, count_params
     from sfedge.preprocess import FUNDUS_PREPROCESSING
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = json.loads(args.config)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--config is not valid JSON ({e})", "e.g. --config '{\"widths\": [16, 32]}'") from None
+        raise ConfigError(f"--config is not valid JSON ({e})", "e.g. --config '{\"widths\": [16, 32]}'") from e
     if args.s is not None:
         cfg["s"] = args.s
     torch.manual_seed(args.seed)

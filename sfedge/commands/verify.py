@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sfedge.console import console, err_console, print_json, table
+from sfedge.verify import verify_bundle
 
 EPILOG = """examples:
   sfedge verify bundles/unet-sfconv__host-cpu__int8
@@ -26,8 +27,6 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.verify import verify_bundle
-
     reports = [verify_bundle(b, backend=args.backend, threads=args.threads) for b in args.bundle]
     if args.json:
         print_json([r.as_dict() for r in reports] if len(reports) > 1 else reports[0].as_dict())

@@ -4,7 +4,9 @@ A registered factory takes keyword-only config values (JSON types only) and
 returns an ``nn.Module``.  :func:`create_model` validates the config against the
 factory's signature, builds the model and stamps it with ``sfedge_name`` and the
 *complete* ``sfedge_config`` (defaults filled in), which is what checkpoints and
-manifests record so the model can be rebuilt exactly.
+manifests record so the model can be rebuilt exactly.  The built-in families
+register themselves when :mod:`sfedge.models` is imported (its ``__init__``
+imports them after this module), so the registry never imports the models.
 """
 
 from __future__ import annotations
@@ -59,13 +61,11 @@ def _jsonable(cfg: dict) -> dict:
 
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def model_entry(name: str) -> ModelEntry:
     """The registry entry for ``name`` (UnknownNameError lists the valid names)."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise UnknownNameError("model", name, list(_REGISTRY))
     return _REGISTRY[name]
@@ -94,7 +94,3 @@ def input_shape(config: dict, size: Sequence[int] = (256, 256)) -> tuple[int, in
     hw = config.get("input_size") or size
     return (1, int(config.get("in_channels", 3)), int(hw[0]), int(hw[1]))
 
-
-def _load_builtin() -> None:
-    # Importing the model modules runs their @register_model decorators.
-    from sfedge.models import factorizer, unet  # noqa: F401

@@ -1,7 +1,7 @@
 """The singular-value flattening regularizer and its per-layer flatness metric.
 
 The SFConv paper adds a KL term that pushes the factors' singular values towards
-a flat (uniform) distribution; its exact form is not public (SEEDS.md), so this
+a flat (uniform) distribution; its exact form is not public (arXiv 2403.00606: no code, no full text), so this
 module implements **our interpretation**, in two readings:
 
 * ``"spectral"`` (default): p = sigma(F) / sum sigma(F) for each factor F in

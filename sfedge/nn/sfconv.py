@@ -150,7 +150,7 @@ class SFConv2d(nn.Module):
 
         The SVD factors are split evenly (P = U sqrt(S), Q = sqrt(S) V^T) and
         stored contiguous: litert-torch bakes non-contiguous constants in storage
-        order and silently produces wrong numbers (TOOLCHAIN.md).
+        order and silently produces wrong numbers (google-ai-edge/litert-torch#1238).
         """
         if not isinstance(conv, nn.Conv2d):
             raise LayerError(f"from_dense needs an nn.Conv2d, got {type(conv).__name__}")

@@ -17,16 +17,10 @@ from typing import Any
 from sfedge.console import table
 from sfedge.errors import ConfigError
 from sfedge.fileio import atomic_dir, write_json
-from sfedge.profile.report import (
-    Report,
-    load_report,
-    markdown_page,
-    markdown_table,
-    pair_rows,
-    summary_rows,
-    write_csv,
-)
+from sfedge.profile.plots import plot_compare
+from sfedge.profile.report import Report, load_report
 from sfedge.profile.stats import CV_WARNING
+from sfedge.profile.tables import markdown_page, markdown_table, write_csv
 
 __all__ = ["Comparison", "compare_reports"]
 
@@ -77,8 +71,6 @@ class Comparison:
             write_csv(tmp / "compare_summary.csv", self.summary)
             figure = None
             if plots:
-                from sfedge.profile.plots import plot_compare
-
                 note = plot_compare(self.pairs, self.summary, tmp / "compare.png")
                 if note:
                     self.notes.append(note)
@@ -102,7 +94,7 @@ def compare_reports(paths: Sequence[str | os.PathLike[str]]) -> Comparison:
             name, k = f"{report.device} ({k})", k + 1
         report.device = name
         devices.append(name)
-        comparison.summary += summary_rows(report)
-        comparison.pairs += pair_rows(report)
+        comparison.summary += report.summary_rows()
+        comparison.pairs += report.pair_rows()
         comparison.notes += [f"{name}: {n}" for n in report.notes]
     return comparison

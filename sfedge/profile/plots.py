@@ -11,18 +11,17 @@ import functools
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from sfedge.errors import install_hint
 from sfedge.profile.stats import pareto_front
-
-if TYPE_CHECKING:
-    from sfedge.profile.report import Report
+from sfedge.profile.types import Measurement
 
 __all__ = ["write_report_plots", "plot_compare", "plot_sweep", "MISSING_NOTE"]
 
-MISSING_NOTE = "matplotlib is not installed here, so no plots were drawn (pip install 'sfedge[plots]' to get them)"
+MISSING_NOTE = f"matplotlib is not installed here, so no plots were drawn ({install_hint('plots')})"
 MIB = 1024 * 1024
 
 
@@ -48,23 +47,27 @@ def _serialised(draw: Callable[..., str | None]) -> Callable[..., str | None]:
 
 
 @_serialised
-def write_report_plots(report: Report, folder: Path) -> str | None:
-    """latency.png, speedup.png (when paired) and memory.png into ``folder``; a note if matplotlib is missing."""
+def write_report_plots(device: str, measurements: Sequence[Measurement], pairs: Sequence[dict[str, Any]],
+                       folder: Path) -> str | None:
+    """latency.png, speedup.png (when paired) and memory.png into ``folder``; a note if matplotlib is missing.
+
+    ``pairs`` are the report's pair rows (:func:`sfedge.profile.tables.pair_rows`).
+    """
     try:
         plt = _pyplot()
     except ImportError:
         return MISSING_NOTE
-    _latency(plt, report, folder / "latency.png")
-    if report.pairings:
-        _speedup(plt, report, folder / "speedup.png")
-    _memory(plt, report, folder / "memory.png")
+    _latency(plt, device, measurements, folder / "latency.png")
+    if pairs:
+        _speedup(plt, device, pairs, folder / "speedup.png")
+    _memory(plt, device, measurements, folder / "memory.png")
     return None
 
 
-def _latency(plt: Any, report: Report, path: Path) -> None:
+def _latency(plt: Any, device: str, measurements: Sequence[Measurement], path: Path) -> None:
     """Latency distribution per configuration, one panel per precision (box + every sample as a dot)."""
     groups: dict[str, list[Any]] = {}
-    for m in report.measurements:
+    for m in measurements:
         groups.setdefault(m.precision, []).append(m)
     fig, axes = plt.subplots(len(groups), 1, squeeze=False,
                              figsize=(8, 1.2 + sum(0.55 * len(v) + 0.6 for v in groups.values())),
@@ -83,16 +86,13 @@ def _latency(plt: Any, report: Report, path: Path) -> None:
             ax.set_xscale("log")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("latency per inference (ms)")
-    fig.suptitle(f"{report.device}: latency distribution", fontsize=10)
+    fig.suptitle(f"{device}: latency distribution", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _speedup(plt: Any, report: Report, path: Path) -> None:
-    from sfedge.profile.report import pair_rows
-
-    rows = pair_rows(report)
+def _speedup(plt: Any, device: str, rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
     y = list(range(len(rows)))
     vals = [r["speedup"] for r in rows]
@@ -105,16 +105,15 @@ def _speedup(plt: Any, report: Report, path: Path) -> None:
                 va="center", fontsize=8)
     ax.set_xlim(0, max(r["speedup_high"] for r in rows) * 1.3)
     ax.set_xlabel(f"speedup = median(baseline) / median(candidate), {rows[0]['confidence']:.0%} bootstrap CI")
-    ax.set_title(f"{report.device}: paired speedup", fontsize=10)
+    ax.set_title(f"{device}: paired speedup", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _memory(plt: Any, report: Report, path: Path) -> None:
+def _memory(plt: Any, device: str, ms: Sequence[Measurement], path: Path) -> None:
     keys = [("rss_before_load", "RSS before load"), ("rss_after_load", "RSS after load"),
             ("peak_rss_steady", "peak RSS (steady)"), ("artifact", "artifact file")]
-    ms = report.measurements
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(ms)))
     height = 0.8 / len(keys)
     for k, (key, name) in enumerate(keys):
@@ -124,7 +123,7 @@ def _memory(plt: Any, report: Report, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(f"{report.device}: memory (worker process)", fontsize=10)
+    ax.set_title(f"{device}: memory (worker process)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

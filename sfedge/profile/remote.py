@@ -24,35 +24,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sfedge
 from sfedge import __version__
+from sfedge.backends.registry import BACKENDS
 from sfedge.errors import RemoteError
-from sfedge.profile.measure import MeasureConfig, subjects_from
+from sfedge.profile.report import load_report
+from sfedge.profile.subjects import subjects_from
+from sfedge.profile.types import MeasureConfig
+from sfedge.progress import Progress
 
 __all__ = [
-    "RemoteOptions", "RemoteResult", "Missing", "profile_remote", "probe_host", "missing_requirements",
-    "RUNTIME_REQUIREMENTS", "PROBE",
+    "RemoteOptions", "RemoteResult", "Missing", "profile_remote", "probe_host", "missing_requirements", "PROBE",
 ]
 
-Progress = Callable[[str, "float | None"], None]
-
-# What to pip-install for each backend's runtime (TensorRT comes from JetPack, not pip).
-RUNTIME_REQUIREMENTS = {
-    "onnxruntime": "onnxruntime>=1.17,<2",
-    "tflite": "ai-edge-litert>=1.2,<3",
-    "pytorch": "torch",
-}
-RUNTIME_MODULES = {
-    "onnxruntime": ("onnxruntime",),
-    "tflite": ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"),  # either interpreter will do
-    "tensorrt": ("tensorrt",),
-    "pytorch": ("torch",),
-}
 CORE_MODULES = ("numpy", "psutil", "rich")
 
 # Runs on the remote with any Python >= 3.8; prints one JSON line.  It really imports the modules asked for (only
@@ -131,10 +121,10 @@ class _Host:
     def _call(self, argv: list[str], what: str, timeout: float | None = None) -> str:
         try:
             p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            raise RemoteError(f"'{argv[0]}' is not installed here", "install the OpenSSH client (apt install openssh-client)") from None
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"{self.host}: {what} timed out after {timeout:.0f} s", "check the host is up") from None
+        except FileNotFoundError as err:
+            raise RemoteError(f"'{argv[0]}' is not installed here", "install the OpenSSH client (apt install openssh-client)") from err
+        except subprocess.TimeoutExpired as err:
+            raise RemoteError(f"{self.host}: {what} timed out after {timeout:.0f} s", "check the host is up") from err
         if p.returncode != 0:
             lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
             detail = lines[-1] if lines else f"exit code {p.returncode}"
@@ -153,15 +143,15 @@ def _remote_path_arg(path: str) -> str:
 
 def probe_host(host: str, options: RemoteOptions, backends: Sequence[str] = ()) -> dict[str, Any]:
     """What the remote Python can import: sfedge (and its version), the core modules, the runtimes of ``backends``."""
-    modules = sorted({*CORE_MODULES, *(m for b in backends for m in RUNTIME_MODULES.get(b, ()))})
+    modules = sorted({*CORE_MODULES, *(m for b in backends for m in BACKENDS[b].modules)})
     script = PROBE % json.dumps(modules)
     out = _Host(host, options).ssh(f"{_remote_path_arg(options.python)} -c {shlex.quote(script)}",
                                    f"probing {options.python}", timeout=120)
     try:
         return json.loads(out.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
+    except (json.JSONDecodeError, IndexError) as err:
         raise RemoteError(f"{host}: the probe printed no JSON ({out.strip()[:120]!r})",
-                          "check --remote-python runs a Python 3 interpreter") from None
+                          "check --remote-python runs a Python 3 interpreter") from err
 
 
 @dataclass
@@ -195,13 +185,13 @@ def missing_requirements(probe: dict[str, Any], backends: Sequence[str]) -> Miss
     if not missing.sfedge:  # a wheel install brings the core modules itself
         missing.pip += [m for m in CORE_MODULES if not mods.get(m)]
     for b in sorted(set(backends)):
-        if any(mods.get(m) for m in RUNTIME_MODULES.get(b, ())):
+        info = BACKENDS[b]
+        if any(mods.get(m) for m in info.modules):
             continue
-        if b == "tensorrt":
-            missing.blocking.append("TensorRT's Python bindings are missing: on a Jetson they come with JetPack "
-                                    "(sudo apt install python3-libnvinfer), not from pip")
+        if info.packages:
+            missing.pip.extend(info.packages)
         else:
-            missing.pip.append(RUNTIME_REQUIREMENTS[b])
+            missing.blocking.append(f"{b}'s runtime is missing and does not come from pip: {info.install}")
     return missing
 
 
@@ -283,13 +273,7 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
             argv += ["--pair", f"bundles/{n}"]
         if backend:
             argv += ["--backend", backend]
-        argv += ["--warmup-runs", str(config.warmup_runs), "--warmup-seconds", str(config.warmup_seconds),
-                 "--runs", str(config.runs), "--min-seconds", str(config.min_seconds),
-                 "--confidence", str(config.confidence), "--processes", str(config.processes)]
-        if config.threads:
-            argv += ["--threads", str(config.threads)]
-        if config.block:
-            argv += ["--block", str(config.block)]
+        argv += config.to_argv()
         argv += ["-o", "report", "--device", label, "--no-plots", "--json"]
         say("profiling", 0.3)
         remote.ssh(f"cd {shlex.quote(run_dir)} && {py} -m sfedge.cli profile {' '.join(shlex.quote(a) for a in argv)}",
@@ -297,7 +281,6 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
         say("fetching the report", 0.9)
         with tempfile.TemporaryDirectory(prefix="sfedge-remote-") as tmp:
             remote.get(f"{run_dir}/report", Path(tmp) / "report", "copying the report back")
-            from sfedge.profile.report import load_report
 
             report = load_report(Path(tmp) / "report")
         report.host["ssh"] = host
@@ -331,8 +314,6 @@ _WHEEL_CACHE: dict[str, Path] = {}
 
 def _build_wheel() -> Path:
     """A wheel of the sfedge this process runs (built once per process from its source tree)."""
-    import sfedge
-
     root = Path(sfedge.__file__).resolve().parent.parent
     if str(root) in _WHEEL_CACHE and _WHEEL_CACHE[str(root)].exists():
         return _WHEEL_CACHE[str(root)]

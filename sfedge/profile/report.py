@@ -10,28 +10,26 @@ place, so an interrupted run leaves no report that looks whole.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import platform
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 import sfedge
 from sfedge.console import fmt_bytes, table
 from sfedge.errors import SfedgeError
 from sfedge.fileio import atomic_dir, read_schema_json, write_json
-from sfedge.profile.measure import MeasureConfig, Measurement, Pairing
+from sfedge.profile.plots import write_report_plots
 from sfedge.profile.stats import CV_WARNING
+from sfedge.profile.tables import markdown_page, markdown_table, pair_rows, summary_rows, write_csv
+from sfedge.profile.types import MeasureConfig, Measurement, Pairing
 
-__all__ = [
-    "SCHEMA", "REPORT_JSON", "Report", "host_info", "load_report", "summary_rows", "pair_rows", "write_csv", "markdown_table",
-    "markdown_page",
-]
+__all__ = ["SCHEMA", "REPORT_JSON", "Report", "host_info", "load_report"]
 
 SCHEMA = "sfedge-profile/1"
 REPORT_JSON = "report.json"
@@ -69,6 +67,14 @@ class Report:
         return cls(device=device or host["hostname"], host=host, config=config.as_dict(), measurements=measurements,
                    pairings=pairings, notes=gathered, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One flat row per measurement (:func:`sfedge.profile.tables.summary_rows`)."""
+        return summary_rows(self.device, self.measurements)
+
+    def pair_rows(self) -> list[dict[str, Any]]:
+        """One flat row per paired comparison (:func:`sfedge.profile.tables.pair_rows`)."""
+        return pair_rows(self.device, self.measurements, self.pairings)
+
     def measurement(self, label: str) -> Measurement:
         for m in self.measurements:
             if m.label == label:
@@ -97,14 +103,12 @@ class Report:
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             if plots:  # first, so a "no matplotlib" note reaches every file
-                from sfedge.profile.plots import write_report_plots
-
-                note = write_report_plots(self, tmp)
+                note = write_report_plots(self.device, self.measurements, self.pair_rows(), tmp)
                 if note and note not in self.notes:
                     self.notes.append(note)
             write_json(tmp / REPORT_JSON, self.as_dict())
-            write_csv(tmp / "summary.csv", summary_rows(self))
-            write_csv(tmp / "pairs.csv", pair_rows(self))
+            write_csv(tmp / "summary.csv", self.summary_rows())
+            write_csv(tmp / "pairs.csv", self.pair_rows())
             write_csv(tmp / "samples.csv", [
                 {"device": self.device, "label": m.label, "index": i, "round": r,
                  "start_s": m.starts_s[i] if i < len(m.starts_s) else None, "ms": round(v, 6)}
@@ -127,7 +131,7 @@ class Report:
         ]
         if self.pairings:
             lines += ["## Paired comparisons (alternating A B B A ...)", ""]
-            rows = pair_rows(self)
+            rows = self.pair_rows()
             lines += markdown_table(
                 ["candidate", "baseline", "median A ms", "median B ms", "speedup B/A", f"{_ci_pct(self)} CI", "rounds"],
                 [[r["candidate"], r["baseline"], f"{r['median_candidate_ms']:.3f}", f"{r['median_baseline_ms']:.3f}",
@@ -142,7 +146,7 @@ class Report:
               f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['std_ms']:.3f}",
               f"{r['cv']:.1%}" + (" ⚠" if r["cv"] > CV_WARNING else ""), f"{r['process_spread']:.1%}",
               f"{r['load_ms']:.1f}", f"{r['first_ms']:.1f}"]
-             for r in summary_rows(self)])
+             for r in self.summary_rows()])
         lines += ["", "Process spread: (max - min) / median of the per-process medians. Load and first-run times "
                   "are the first process's (cold page cache)."]
         lines += ["", "## Memory", ""]
@@ -167,12 +171,12 @@ class Report:
                 ["candidate (A)", "baseline (B)", "median A ms", "median B ms", "speedup [CI]", "rounds"],
                 [[r["candidate"], r["baseline"], r["median_candidate_ms"], r["median_baseline_ms"],
                   f"{r['speedup']:.3f}x [{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
-                 for r in pair_rows(self)]))
+                 for r in self.pair_rows()]))
         out.append(table(
             f"{self.device}: latency (ms) and memory",
             ["configuration", "median", "p90", "p99", "CV", "load", "1st run", "peak RSS", "file"],
             [[r["label"], r["median_ms"], r["p90_ms"], r["p99_ms"], f"{r['cv']:.1%}", r["load_ms"], r["first_ms"],
-              fmt_bytes(r["peak_rss_steady"]), fmt_bytes(r["artifact_bytes"])] for r in summary_rows(self)],
+              fmt_bytes(r["peak_rss_steady"]), fmt_bytes(r["artifact_bytes"])] for r in self.summary_rows()],
             caption="peak RSS: sampled steady-state peak of the configuration's own worker process",
         ))
         return out
@@ -187,66 +191,6 @@ def _runtime_memory(info: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt_bytes(v)}" for k, v in shown.items()) or "-"
 
 
-def summary_rows(report: Report) -> list[dict[str, Any]]:
-    """One flat row per measurement (the CSV and the tables are built from these)."""
-    rows = []
-    for m in report.measurements:
-        s = m.summary
-        mem = m.memory
-        rows.append({
-            "device": report.device, "label": m.label, "model": m.model, "backend": m.backend,
-            "precision": m.precision, "threads": m.threads, "n": s.n, "min_ms": s.min, "mean_ms": s.mean,
-            "median_ms": s.median, "p90_ms": s.p90, "p99_ms": s.p99, "max_ms": s.max, "std_ms": s.std, "cv": s.cv,
-            "drift": m.drift, "processes": len(m.per_process) or 1, "process_spread": m.process_spread,
-            "import_ms": m.import_ms, "load_ms": m.load_ms, "first_ms": m.first_ms,
-            "rss_before_load": mem.get("rss_before_load"), "rss_after_load": mem.get("rss_after_load"),
-            "rss_after_first": mem.get("rss_after_first"), "peak_rss_steady": mem.get("peak_rss_steady"),
-            "peak_rss_lifetime": mem.get("peak_rss_lifetime"), "artifact_bytes": m.artifact_bytes,
-            "s": m.meta.get("s"), "artifact": m.artifact,
-        })
-    return rows
-
-
-def pair_rows(report: Report) -> list[dict[str, Any]]:
-    """One flat row per paired comparison."""
-    rows = []
-    for p in report.pairings:
-        a, b = report.measurement(p.candidate), report.measurement(p.baseline)
-        rows.append({
-            "device": report.device, "candidate": p.candidate, "baseline": p.baseline, "backend": a.backend,
-            "precision": a.precision, "median_candidate_ms": a.summary.median, "median_baseline_ms": b.summary.median,
-            "ratio": p.ratio.ratio, "ratio_low": p.ratio.low, "ratio_high": p.ratio.high,
-            "speedup": p.ratio.speedup, "speedup_low": p.ratio.speedup_low, "speedup_high": p.ratio.speedup_high,
-            "confidence": p.ratio.confidence, "rounds": p.rounds, "block": p.block,
-        })
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    path.write_text(buf.getvalue())
-
-
-def markdown_page(lines: list[str], figures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
-    """A Markdown document: ``lines``, then the figures (PNG files beside it), then a Notes section."""
-    out = list(lines)
-    if figures:
-        out += ["", *[f"![{Path(f).stem}]({f})" for f in figures]]
-    if notes:
-        out += ["", "## Notes", "", *[f"- {n}" for n in notes]]
-    return "\n".join(out) + "\n"
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return out
-
-
 def load_report(path: str | os.PathLike[str]) -> Report:
     """A report from its folder or its report.json (SfedgeError when it is not one)."""
     p = Path(path)
@@ -258,8 +202,6 @@ def load_report(path: str | os.PathLike[str]) -> Report:
 
 def host_info() -> dict[str, Any]:
     """Facts about the machine measured on (CPU model, cores, memory, load, Jetson model/L4T where present)."""
-    import psutil
-
     info: dict[str, Any] = {
         "hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
         "python": platform.python_version(), "sfedge": sfedge.__version__, "cpu_count": os.cpu_count(),

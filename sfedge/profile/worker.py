@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from sfedge.backends.registry import runner_for
 from sfedge.profile.memory import RssSampler, max_rss_bytes, rss_bytes
 
 __all__ = ["Worker", "main", "load_runner_class"]
@@ -76,8 +77,6 @@ class Worker:
         if runner:
             self.runner = load_runner_class(runner)(path, threads=threads, **(options or {}))
         else:
-            from sfedge.backends import runner_for
-
             self.runner = runner_for(path, backend=backend, threads=threads, **(options or {}))
         versions = self.runner.versions()  # imports the runtime, so load_ms is session creation alone
         import_ns = time.perf_counter_ns() - start
@@ -85,7 +84,6 @@ class Worker:
         start = time.perf_counter_ns()
         self.runner.load()
         load_ns = time.perf_counter_ns() - start
-        self.runner.loaded = True
         rss_loaded = rss_bytes()
         versions.update(self.runner.versions())  # some runners know more once loaded (TensorRT, CUDA)
         self.feed, feed_source = self._make_feed(input)

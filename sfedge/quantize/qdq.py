@@ -24,7 +24,7 @@ is what the parity checks need.
 
 fp16 (:func:`to_fp16`): every float tensor in fp16 except the model's I/O
 (kept float32, TensorRT 11's strongly-typed mode takes the types from the
-graph) and the NMF nodes (eps underflows in fp16, SEEDS.md).
+graph) and the NMF nodes (its eps of 1e-8 underflows to 0 in fp16: 0/0 on all-zero windows).
 """
 
 from __future__ import annotations
@@ -34,25 +34,27 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sfedge.backends.base import Artifact, TensorSpec
+from sfedge.artifact import Artifact, TensorSpec
+from sfedge.calibration import CalibrationSet
 from sfedge.errors import CalibrationError, ConfigError, ExportError
-from sfedge.export import set_onnx_metadata
 from sfedge.fileio import atomic_path
+from sfedge.onnx_metadata import set_onnx_metadata
+from sfedge.parity import Scorer
+from sfedge.progress import Progress, tell
 from sfedge.quantize.ranges import compute_ranges, write_ranges
 
 __all__ = ["quantize_qdq", "to_fp16", "quantizable_layers", "QUANTIZED_OP_TYPES", "FLOAT_SCOPES"]
 
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Node-name scopes kept float32 in every artifact, int8 and fp16 alike (module paths in the
-# TorchScript export's node names): the Factorizer's NMF, whose eps underflows (SEEDS.md).
+# TorchScript export's node names): the Factorizer's NMF, whose eps (1e-8) underflows in fp16.
 FLOAT_SCOPES = ("/nmf/",)
-Progress = Callable[[str, "float | None"], None]
 
 
 def quantizable_layers(model: Any) -> list[str]:
@@ -79,14 +81,14 @@ def quantizable_layers(model: Any) -> list[str]:
 
 def quantize_qdq(
     onnx_artifact: Artifact,
-    calib: Any,
+    calib: CalibrationSet,
     path: str | Path,
     *,
     method: str = "entropy",
     float_nodes: Sequence[str] = (),
     ranges: dict[str, float] | None = None,
     reference: np.ndarray | None = None,
-    threads: int | None = None,
+    score: Scorer | None = None,
     write_ranges_file: bool = True,
     progress: Progress | None = None,
 ) -> Artifact:
@@ -98,8 +100,8 @@ def quantize_qdq(
     ``method``) are computed on ``calib`` when not given; they are written
     beside ``path`` as ``<stem>.ranges-<method>.json``.  ``float_nodes`` are
     layer names (see :func:`quantizable_layers`) kept in float.  With
-    ``reference`` (torch outputs for ``calib.holdout``) the artifact's parity
-    is measured in ONNX Runtime.
+    ``reference`` (torch outputs for ``calib.holdout``) and ``score`` (how to
+    run an ONNX file: the caller's runtime) the artifact's parity is measured.
     """
     import onnx
 
@@ -116,7 +118,7 @@ def quantize_qdq(
         )
     if ranges is None:
         ranges = compute_ranges(src, calib, method, progress=progress)
-    _tell(progress, f"inserting Q/DQ ({len(layers) - len(set(float_nodes))} of {len(layers)} layers in int8)", None)
+    tell(progress, f"inserting Q/DQ ({len(layers) - len(set(float_nodes))} of {len(layers)} layers in int8)", None)
     with tempfile.TemporaryDirectory(prefix="sfedge-qdq-") as tmp:
         qdq_path = Path(tmp) / "qdq.onnx"
         _ort_quantize(fp32, qdq_path, Path(tmp) / "ranges.json", ranges, method,
@@ -144,8 +146,8 @@ def quantize_qdq(
         outputs=[TensorSpec.from_dict(t.as_dict()) for t in onnx_artifact.outputs],
         float_layers=float_list, files=files, meta=meta,
     )
-    if reference is not None:
-        artifact.parity = measure_onnx_parity(path, calib.holdout, reference, threads).as_dict()
+    if reference is not None and score is not None:
+        artifact.parity = score(path, calib.holdout, reference)
     return artifact
 
 
@@ -172,7 +174,7 @@ def to_fp16(onnx_artifact: Artifact, path: str | Path, *, float_scopes: Sequence
         onnx.checker.check_model(half, full_check=True)
     except Exception as e:  # onnx ValidationError / InferenceError
         raise ExportError(f"the fp16 graph of {src.name} is invalid: {str(e).splitlines()[0][:200]}",
-                          "report this model; use fp32 or int8 meanwhile") from None
+                          "report this model; use fp32 or int8 meanwhile") from e
 
     set_onnx_metadata(half, {"precision": "fp16", "float_layers": blocked})
     path = Path(path)
@@ -184,15 +186,6 @@ def to_fp16(onnx_artifact: Artifact, path: str | Path, *, float_scopes: Sequence
         outputs=[TensorSpec.from_dict(t.as_dict()) for t in onnx_artifact.outputs],
         float_layers=blocked, meta={"source_onnx": src.name, "io": "float32"},
     )
-
-
-def measure_onnx_parity(path: str | Path, inputs: np.ndarray, reference: np.ndarray, threads: int | None = None):
-    """Parity of the ONNX file at ``path`` against ``reference`` in ONNX Runtime (CPU)."""
-    from sfedge.backends.base import measure_parity
-    from sfedge.backends.onnxruntime import OnnxRuntimeRunner
-
-    with OnnxRuntimeRunner(path, threads=threads) as runner:
-        return measure_parity(runner, inputs, reference)
 
 
 def _keep_blocked_regions_float32(model: Any) -> None:
@@ -305,7 +298,3 @@ def _ort_quantize(src: Any, dst: Path, cache: Path, ranges: dict[str, float], me
     finally:
         logger.setLevel(level)
 
-
-def _tell(progress: Progress | None, message: str, fraction: float | None) -> None:
-    if progress is not None:
-        progress(message, fraction)

@@ -18,7 +18,7 @@ Methods, all through ONNX Runtime's calibrators on the calibration split:
 * ``entropy``: the KL-divergence-optimal threshold (2048 bins, 128 quantized
   bins), from ``create_calibrator(..., CalibrationMethod.Entropy, ...)``
   directly: ``quantize_static(calibrate_method=Entropy)`` silently gives
-  MinMax-like ranges (128 bins), see TOOLCHAIN.md.  ONNX Runtime collects the
+  MinMax-like ranges (128 bins; seen with onnxruntime 1.31).  ONNX Runtime collects the
   histograms; the threshold search is :func:`entropy_threshold`, ONNX
   Runtime's ``get_entropy_threshold`` with its per-bin Python loops replaced by
   array operations (same result, about 15x faster: 0.5 s -> 0.03 s per tensor
@@ -31,13 +31,15 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sfedge.calibration import CalibrationSet
 from sfedge.errors import CalibrationError, UnknownNameError
+from sfedge.fileio import write_json
+from sfedge.progress import Progress, tell
 
 __all__ = [
     "METHODS", "compute_ranges", "write_ranges", "read_ranges", "entropy_threshold", "RANGES_FORMAT", "ENTROPY_OPTIONS",
@@ -48,12 +50,11 @@ RANGES_FORMAT = "sfedge-ranges/1"
 ENTROPY_OPTIONS = {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128}
 PERCENTILE_OPTIONS = {"symmetric": True, "num_bins": 2048, "percentile": 99.999}
 CHUNK = 8  # samples per calibrator pass: bounds memory (every tensor of every sample is held per pass)
-Progress = Callable[[str, "float | None"], None]
 
 
 def compute_ranges(
     onnx_path: str | Path,
-    calib: Any,
+    calib: CalibrationSet,
     method: str = "entropy",
     *,
     split: str = "calibration",
@@ -85,10 +86,10 @@ def compute_ranges(
         )
         for start in range(0, len(samples), CHUNK):
             stop = min(start + CHUNK, len(samples))
-            _tell(progress, f"calibrating ({method}) on samples {start + 1}-{stop} of {len(samples)}",
+            tell(progress, f"calibrating ({method}) on samples {start + 1}-{stop} of {len(samples)}",
                   0.8 * start / len(samples))
             calibrator.collect_data(calib.onnx_reader(input_name, split, start, stop))
-        _tell(progress, f"computing {method} thresholds", 0.8)
+        tell(progress, f"computing {method} thresholds", 0.8)
         if method == "entropy":
             hists = calibrator.collector.histogram_dict
             bounds = {name: entropy_threshold(h, ENTROPY_OPTIONS["num_quantized_bins"]) for name, h in hists.items()}
@@ -102,7 +103,7 @@ def compute_ranges(
             raise CalibrationError(f"tensor {name} has a non-finite range ({low}, {high}) on the calibration set",
                                    "check the model for NaN/Inf outputs on these images")
         ranges[name] = amax
-    _tell(progress, f"{len(ranges)} tensor ranges ({method})", 1.0)
+    tell(progress, f"{len(ranges)} tensor ranges ({method})", 1.0)
     return ranges
 
 
@@ -154,8 +155,6 @@ def entropy_threshold(histogram: tuple, num_quantized_bins: int = 128) -> tuple[
 
 def write_ranges(path: str | Path, ranges: dict[str, float], method: str, **meta: Any) -> Path:
     """Write ranges as JSON ``{"format", "method", ..., "amax": {tensor: amax}}`` (atomically)."""
-    from sfedge.fileio import write_json
-
     return write_json(path, {"format": RANGES_FORMAT, "method": method, **meta, "amax": dict(sorted(ranges.items()))})
 
 
@@ -166,7 +165,7 @@ def read_ranges(path: str | Path) -> tuple[dict[str, float], str]:
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CalibrationError(f"cannot read ranges file {path}: {e}", "recompute the ranges") from None
+        raise CalibrationError(f"cannot read ranges file {path}: {e}", "recompute the ranges") from e
     if d.get("format") != RANGES_FORMAT:
         raise CalibrationError(f"{path} is not an sfedge ranges file", f"expected format {RANGES_FORMAT}")
     return {k: float(v) for k, v in d["amax"].items()}, str(d["method"])
@@ -183,7 +182,3 @@ def _input_name(onnx_path: str | Path) -> str:
                                "export a single-input model")
     return names[0]
 
-
-def _tell(progress: Progress | None, message: str, fraction: float | None) -> None:
-    if progress is not None:
-        progress(message, fraction)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sfedge.backends.tensorrt.folder import build_from_folder
 from sfedge.errors import SfedgeError
 
 
@@ -19,8 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fallback", action="store_true",
                         help="build implicit INT8 from model.onnx + calibration.cache (TensorRT <= 10)")
     args = parser.parse_args(argv)
-    from sfedge.backends.tensorrt.stage import build_from_folder
-
     def progress(message: str, fraction: float | None) -> None:
         print(f"  {message}", file=sys.stderr)
 

@@ -47,7 +47,7 @@ from sfedge.backends.tensorrt.version import format_version, is_strongly_typed, 
 from sfedge.errors import BackendUnavailable, ConfigError, ExportError
 from sfedge.fileio import atomic_path
 
-__all__ = ["BuildResult", "build_engine"]
+__all__ = ["EngineBuild", "build_engine"]
 
 Progress = Callable[[str, "float | None"], None]
 
@@ -61,7 +61,7 @@ _CALIBRATORS = {
 
 
 @dataclass
-class BuildResult:
+class EngineBuild:
     """What one engine build produced and how."""
 
     engine_path: Path
@@ -136,7 +136,7 @@ def build_engine(
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     strongly_typed: bool | None = None,
     progress: Progress | None = None,
-) -> BuildResult:
+) -> EngineBuild:
     """Build and serialize an engine for this machine's GPU; write it (and the timing cache) atomically.
 
     Why here and not on the workstation: an engine is tied to the exact
@@ -154,11 +154,11 @@ def build_engine(
         raise ExportError(f"ONNX file {onnx_path} does not exist", "export the model first")
     try:
         import tensorrt as trt
-    except ImportError:
+    except ImportError as err:
         raise BackendUnavailable(
             "TensorRT's Python bindings are not installed here",
             "on a Jetson install JetPack's python3-libnvinfer, or build with build_engine.sh (trtexec)",
-        ) from None
+        ) from err
 
     version = parse_version(trt.__version__)
     typed = is_strongly_typed(version, strongly_typed)
@@ -226,5 +226,5 @@ def build_engine(
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
     seconds = time.perf_counter() - t0
     report(f"engine written: {engine_path.name} in {seconds:.0f} s", 1.0)
-    return BuildResult(engine_path, trt.__version__, precision, typed, implicit_int8, seconds,
+    return EngineBuild(engine_path, trt.__version__, precision, typed, implicit_int8, seconds,
                        engine_path.stat().st_size, timing_path)

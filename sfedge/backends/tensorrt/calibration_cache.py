@@ -118,7 +118,7 @@ def read_calibration_cache(path: str | os.PathLike[str]) -> tuple[str, dict[str,
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"cannot read calibration cache {path}: {e}") from None
+        raise CalibrationError(f"cannot read calibration cache {path}: {e}") from e
     return parse_calibration_cache(text)
 
 

@@ -1,8 +1,8 @@
 """Is there a CUDA GPU with TensorRT here?  Asked in a subprocess, because asking can crash.
 
 Creating TensorRT objects on a machine without a usable GPU logs CUDA error
-35 and then segfaults the whole process (TOOLCHAIN.md, seen with
-tensorrt-lean).  So the question is asked by a short child Python process:
+35 and then segfaults the whole process (seen with tensorrt-lean on a
+GPU-less x86 host).  So the question is asked by a short child Python process:
 it reads the Jetson facts (/proc/device-tree/model, /etc/nv_tegra_release),
 queries the CUDA driver API through ctypes (libcuda: device name, compute
 capability, memory), and only when a device exists imports tensorrt and

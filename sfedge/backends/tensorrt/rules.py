@@ -238,7 +238,7 @@ def _load(path_or_model: str | os.PathLike[str] | Any) -> Any:
         try:
             return onnx.load(str(path))
         except Exception as e:  # protobuf raises DecodeError and friends on damaged files
-            raise ExportError(f"cannot read ONNX file {path}: {e}", "re-export the model") from None
+            raise ExportError(f"cannot read ONNX file {path}: {e}", "re-export the model") from e
     return path_or_model
 
 

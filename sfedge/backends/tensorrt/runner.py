@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from sfedge.backends.base import Runner, TensorSpec
+from sfedge.artifact import TensorSpec
+from sfedge.backends.base import Runner
 from sfedge.backends.tensorrt.gpu import GpuInfo, detect_gpu
 from sfedge.errors import BackendUnavailable
 
@@ -62,11 +63,11 @@ class _CudaRuntime:
         except ImportError:
             try:
                 from cuda import cudart  # older cuda-python
-            except ImportError:
+            except ImportError as e:
                 raise BackendUnavailable(
                     "no CUDA runtime bindings to allocate GPU memory",
-                    "pip install polygraphy (or cuda-python) on the device",
-                ) from None
+                    "pip install 'sfedge[runtime]' (polygraphy's CUDA wrapper) or cuda-python on the device",
+                ) from e
         self._rt = cudart
         self.kind = "cuda-python"
 
@@ -124,7 +125,7 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
 
-    def load(self) -> None:
+    def _load(self) -> None:
         gpu = _usable_gpu()
         if gpu is None or gpu.tensorrt is None or gpu.tensorrt_error:
             raise BackendUnavailable(
@@ -177,7 +178,7 @@ class TensorRTRunner(Runner):
                             tuple(engine.get_binding_shape(i)), trt.nptype(engine.get_binding_dtype(i))))
         return out
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for spec in self.inputs:
             ptr, host = self._buffers[spec.name]
             arr = np.ascontiguousarray(feed[spec.name], dtype=host.dtype)
@@ -194,7 +195,7 @@ class TensorRTRunner(Runner):
         self._cuda.synchronize(self._stream)
         return {spec.name: self._buffers[spec.name][1].copy() for spec in self.outputs}
 
-    def close(self) -> None:
+    def _close(self) -> None:
         for ptr, _ in getattr(self, "_buffers", {}).values():
             self._cuda.free(ptr)
         if getattr(self, "_stream", None) is not None:
@@ -226,5 +227,3 @@ class TensorRTRunner(Runner):
             out["cuda_memory"] = self._cuda.kind
         return out
 
-
-RUNNER = TensorRTRunner

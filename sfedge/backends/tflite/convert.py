@@ -8,7 +8,7 @@ backend), so its TFLite artifact is still NHWC.  NHWC I/O comes from
 graph's producers and consumers, so no TRANSPOSE sits at the input or output.
 
 Two converter hazards are handled here rather than left to callers
-(TOOLCHAIN.md): litert-torch bakes a non-contiguous constant in storage order
+(google-ai-edge/litert-torch#1238): litert-torch bakes a non-contiguous constant in storage order
 and silently computes wrong numbers, so every parameter and buffer is made
 contiguous first; and its progress log is switched off unless asked for (the
 CLI shows its own progress).
@@ -18,22 +18,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sfedge.errors import BackendUnavailable, ExportError
+import torch
+
+from sfedge.backends.tflite.quiet import native_stderr_silenced
+from sfedge.errors import BackendUnavailable, ExportError, install_hint
 from sfedge.fileio import atomic_path
+from sfedge.progress import Progress
+from sfedge.targets import Target
 
 __all__ = ["tflite_layout", "convert_float", "cast_weights_fp16", "FP16_OPS", "contiguous_"]
 
-Progress = Callable[[str, "float | None"], None]
 
 # The ops whose constant weights ai-edge-quantizer's float casting can store as fp16.
 FP16_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "FULLY_CONNECTED")
 
 
-def tflite_layout(target: Any) -> str:
+def tflite_layout(target: Target | None) -> str:
     """The I/O layout of a TFLite artifact for ``target``: NHWC unless tflite is its primary backend and it says NCHW.
 
     A target's ``layout`` describes its primary backend; ONNX Runtime and
@@ -70,16 +74,12 @@ def _quiet_litert_torch(show: bool) -> Iterator[None]:
 
 
 def _import_litert_torch():
-    from sfedge.backends.tflite.quiet import native_stderr_silenced
-
     try:
         with native_stderr_silenced():
             import litert_torch
-    except ImportError:
-        raise BackendUnavailable(
-            "litert-torch is not installed, so torch models cannot be converted to .tflite here",
-            "pip install 'sfedge[build]' (litert-torch) on the build machine",
-        ) from None
+    except ImportError as e:
+        raise BackendUnavailable("litert-torch is not installed, so torch models cannot be converted to .tflite here",
+                                 install_hint("build")) from e
     return litert_torch
 
 
@@ -97,8 +97,6 @@ def convert_float(
     The file has one signature (``serving_default``) with one input and one
     output; runners find tensors through it, never by generated tensor names.
     """
-    import torch
-
     litert_torch = _import_litert_torch()
     model = contiguous_(model.eval())
     n, c, h, w = (int(v) for v in input_shape)

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sfedge.errors import BackendUnavailable, ExportError
+from sfedge.backends.registry import missing_runtime
+from sfedge.backends.tflite.quiet import native_stderr_silenced
+from sfedge.errors import ExportError
 
 __all__ = ["OpReport", "OpInfo", "op_report", "read_ops"]
 
@@ -110,10 +112,8 @@ class OpReport:
 def _schema():
     try:
         from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        raise BackendUnavailable(
-            "reading .tflite files needs ai-edge-litert's flatbuffer schema", "pip install ai-edge-litert"
-        ) from None
+    except ImportError as e:
+        raise missing_runtime("tflite", "reading .tflite files needs ai-edge-litert's flatbuffer schema") from e
     return schema
 
 
@@ -170,7 +170,7 @@ def read_ops(path: str | os.PathLike[str]) -> tuple[list[list[OpInfo]], dict[str
     except ExportError:
         raise
     except Exception as e:  # a truncated or foreign file fails deep inside flatbuffers
-        raise ExportError(f"{path} is not a readable .tflite flatbuffer ({e})", "re-create the file") from None
+        raise ExportError(f"{path} is not a readable .tflite flatbuffer ({e})", "re-create the file") from e
     return graphs, io
 
 
@@ -181,8 +181,6 @@ def _xnnpack_delegation(path: Path, n_ops: int) -> tuple[list[bool] | None, str]
     except ImportError:
         return None, "ai-edge-litert is not installed"
     try:
-        from sfedge.backends.tflite.quiet import native_stderr_silenced
-
         with native_stderr_silenced():
             interp = Interpreter(model_path=str(path), num_threads=1, experimental_disable_delegate_node_fusion=True)
         interp.allocate_tensors()

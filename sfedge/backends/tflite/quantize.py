@@ -2,7 +2,8 @@
 
 Why ai-edge-quantizer on the converted file rather than litert-torch's PT2E
 flow: PT2E failed on U-Nets with skip concatenation, factorized and
-transposed convs (TOOLCHAIN.md); the quantizer works on any .tflite.
+transposed convs (an "... not in ... observer" assertion with litert-torch 0.10); the
+quantizer works on any .tflite.
 
 * ``int8``: ``static_wi8_ai8`` (int8 weights per channel, int8 activations
   per tensor) calibrated on the shared :class:`CalibrationSet`
@@ -14,22 +15,21 @@ transposed convs (TOOLCHAIN.md); the quantizer works on any .tflite.
   quantizer puts DEQUANTIZE / QUANTIZE around them.  The Factorizer's NMF
   layers always stay float (:data:`NMF_SCOPE`): its iterations divide by
   ``eps``-guarded sums that int8 (or fp16) cannot represent.
-* :func:`quantize_tflite`, when all-int8 misses the tolerance, first tries
-  the layer(s) reading the model input float (with a float input: one cheap
-  attempt, see below), then adds float layers one at a time until the
-  held-out parity meets the tolerance: layers are ranked by a sensitivity pass
-  (:func:`layer_sensitivity`: each quantizable layer quantized *alone*, its
-  error measured on a few *calibration* samples, so the held-out split only
-  gates).  If that is not enough and ``allow_int16``, int16 activations
-  (``static_wi8_ai16``) are tried: they recover accuracy (demo U-Net: mask
-  agreement 0.9795 -> 0.996) but XNNPACK does not run them, and TFLite's own
-  int16 kernels made the demo U-Net slower than fp32, so it is opt-in.
+* :func:`quantize_tflite` runs the shared mixed-precision search
+  (:func:`sfedge.quantize.search.search`, its policies are documented there)
+  through :class:`TfliteSearch`: when all-int8 misses the tolerance, each
+  weighted op is quantized *alone* and scored on a few calibration samples,
+  and the most sensitive ops are kept float one at a time until the held-out
+  parity meets the tolerance.  If that is not enough and ``allow_int16``,
+  int16 activations (``static_wi8_ai16``) are tried: they recover accuracy
+  (demo U-Net: mask agreement 0.9795 -> 0.996) but XNNPACK does not run them,
+  and TFLite's own int16 kernels made the demo U-Net slower than fp32, so it
+  is opt-in.
 
 Measured on the demo U-Nets: most of the int8 error is the per-tensor int8
 quantization of the *normalized input image* (its channels span different
-ranges, so the red channel loses about a bit); keeping the first conv and
-the model input float removes it at almost no latency cost (the sensitivity
-ranking puts that layer first by a factor of 3 in mean error).
+ranges, so the red channel loses about a bit); keeping the first conv float
+(and with it the model input) removes it; the ranking puts that layer first.
 
 A "layer" is one TFLite op with weights (conv, transposed conv, fully
 connected, matmul); its name is the torch module path recovered from the
@@ -44,23 +44,27 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from sfedge.backends.tflite.ops import read_ops
+from sfedge.backends.tflite.quiet import native_stderr_silenced
 from sfedge.errors import CalibrationError, ConfigError
 from sfedge.fileio import atomic_path
-from sfedge.quantize.sensitivity import LayerSensitivity, layer_role
+from sfedge.parity import Parity, Scorer, Tolerance
+from sfedge.progress import Progress, tell
+from sfedge.quantize.search import DEFAULT_MAX_FLOAT_FRACTION, SearchLayer, SearchResult, search
 
 __all__ = [
-    "NMF_SCOPE", "QUANTIZABLE_OPS", "Layer", "QuantizeResult", "quantizable_layers",
-    "torch_layer_name", "module_call_order", "LayerNamer", "scope_layers", "build_recipe", "calibrate", "write_quantized", "layer_sensitivity", "quantize_tflite",
+    "NMF_SCOPE", "QUANTIZABLE_OPS", "Layer", "QuantizeResult", "weighted_ops", "TfliteSearch",
+    "torch_layer_name", "module_call_order", "LayerNamer", "scope_layers", "build_recipe", "calibrate",
+    "write_quantized", "quantize_tflite",
 ]
-
-Progress = Callable[[str, "float | None"], None]
-Score = Callable[[Path, str], Any]  # (tflite path, split) -> Parity; split: "holdout", "calibration" or "probe"
 
 # Scope of every op inside an sfedge NMF layer (litert-torch names tensors by module class path).
 NMF_SCOPE = r"sfedge\.nn\.nmf\.NMF_"
@@ -93,9 +97,8 @@ class QuantizeResult:
     recipe: list[dict[str, Any]]
     activation_bits: int | None  # None for dynamic range (float activations)
     float_layers: list[str] = field(default_factory=list)  # torch-style names of ops kept float
-    parity: Any = None  # held-out Parity of the final file
-    sensitivity: list[LayerSensitivity] = field(default_factory=list)
-    attempts: list[dict[str, Any]] = field(default_factory=list)  # each tried configuration and its parity
+    parity: Parity | None = None  # held-out parity of the final file
+    search: SearchResult | None = None  # what the shared search did (steps, ranking, float cost)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -103,8 +106,7 @@ class QuantizeResult:
             "path": str(self.path), "precision": self.precision, "recipe": self.recipe,
             "activation_bits": self.activation_bits, "float_layers": list(self.float_layers),
             "parity": self.parity.as_dict() if self.parity is not None else None,
-            "sensitivity": [s.as_dict() for s in self.sensitivity], "attempts": list(self.attempts),
-            "notes": list(self.notes),
+            "search": self.search.as_dict() if self.search is not None else None, "notes": list(self.notes),
         }
 
 
@@ -144,8 +146,6 @@ def torch_layer_name(tensor_name: str, stop_class: str | None = None) -> str:
 
 def module_call_order(model: Any, input_shape: Sequence[int]) -> list[tuple[str, str]]:
     """(name, class name) of ``model``'s submodules in the order one forward pass calls them (repeats kept)."""
-    import torch
-
     order: list[tuple[str, str]] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append((n, type(_m).__name__)))
              for n, m in model.named_modules() if n]
@@ -217,8 +217,8 @@ class LayerNamer:
         return out
 
 
-def quantizable_layers(float_path: str | os.PathLike[str], namer: LayerNamer | None = None,
-                       exclude: Sequence[str] = ()) -> list[Layer]:
+def weighted_ops(float_path: str | os.PathLike[str], namer: LayerNamer | None = None,
+                 exclude: Sequence[str] = ()) -> list[Layer]:
     """Ops with weights in the main subgraph, in execution order, except those matching ``exclude`` regexes
     and the op that writes the model output (keeping it float would make the output float too).
     """
@@ -285,8 +285,6 @@ def build_recipe(precision: str, keep_float: Sequence[str] = (), activation_bits
 def _quiet() -> Any:
     # The quantizer draws tqdm bars on stderr and its calibrator warns that it keeps every tensor (it must);
     # the CLI shows its own progress.
-    from sfedge.backends.tflite.quiet import native_stderr_silenced
-
     with native_stderr_silenced(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
         yield
@@ -330,46 +328,47 @@ def _only(regexes: Sequence[str], precision: str) -> list[dict[str, Any]]:
     return rm.get_quantization_recipe()
 
 
-# TFLite op -> the ONNX op type the shared sensitivity report uses (one vocabulary for both backends).
+# TFLite op -> the ONNX op type the shared search reports use (one vocabulary for both backends).
 _ONNX_OP = {"TRANSPOSE_CONV": "ConvTranspose", "FULLY_CONNECTED": "Gemm", "BATCH_MATMUL": "MatMul"}
 
 
-def layer_sensitivity(float_path: Path, layers: Sequence[Layer], precision: str, qsvs: dict[str, Any] | None,
-                      score: Score, workdir: Path, *, progress: Progress | None = None
-                      ) -> list[tuple[Layer, LayerSensitivity]]:
-    """Quantize one layer at a time (the rest float), measure the output error on a few calibration samples.
+class TfliteSearch:
+    """ai-edge-quantizer as a :class:`sfedge.quantize.search.SearchAdapter`; each build writes ``path``.
 
-    Returns (layer, sensitivity) pairs, most sensitive (largest mean error)
-    first.  One layer alone isolates its own quantization error; the
-    opposite probe (one layer float in an int8 model) buries a single
-    layer's share under the error of all the others and ranks by noise.
-    The report type is the ONNX side's (:mod:`sfedge.quantize.sensitivity`).
+    A candidate keeps ``keep_float`` scopes and the chosen layers' regexes
+    float (a layer reading the model input takes the input with it); a probe
+    quantizes one layer alone.  ``costs`` are MACs per torch module name.
     """
-    out = []
-    probe = workdir / f".{float_path.stem}.probe.tflite"
-    try:
-        for i, layer in enumerate(layers):
-            if progress:
-                progress(f"sensitivity: {layer.name} alone in {precision}", i / max(1, len(layers)))
-            p = score(write_quantized(float_path, probe, _only(layer.regexes, precision), qsvs), "probe")
-            op_type = _ONNX_OP.get(layer.op, "Conv")
-            role = layer_role("/" + layer.name.replace(".", "/") + "/", op_type)
-            out.append((layer, LayerSensitivity(layer.name, layer.op, role, p.max_abs, p.mean_abs, p.cosine,
-                                                p.dice_agreement, p.samples)))
-    finally:
-        probe.unlink(missing_ok=True)
-    out.sort(key=lambda pair: -pair[1].score)
-    return out
 
+    def __init__(self, float_path: Path, path: Path, precision: str, qsvs: dict[str, Any] | None,
+                 layers: Sequence[Layer], keep_float: Sequence[str], activation_bits: int, score: Scorer,
+                 holdout: tuple[np.ndarray, np.ndarray], probe: tuple[np.ndarray, np.ndarray],
+                 costs: dict[str, float] | None = None) -> None:
+        self.float_path, self.path, self.precision, self.qsvs = float_path, path, precision, qsvs
+        self._layers = {layer.name: layer for layer in layers}
+        self.keep_float, self.activation_bits, self.score = list(keep_float), activation_bits, score
+        self.holdout, self.probe_data, self.costs = holdout, probe, costs or {}
+        self.recipe: list[dict[str, Any]] = []
 
-def _mixed(result: QuantizeResult, chosen: Sequence[Layer], layers: Sequence[Layer], precision: str) -> QuantizeResult:
-    result.float_layers = [c.name for c in chosen]
-    result.notes.append(f"kept {len(chosen)} of {len(layers)} quantizable layers float to meet the "
-                        f"{precision} tolerance: {', '.join(result.float_layers)}")
-    if any(len(c.regexes) > 1 for c in chosen):
-        result.notes.append("the first layer is float, so the model input is float32 (quantized inside the "
-                            "graph after it); the output stays int8")
-    return result
+    def layers(self) -> Sequence[SearchLayer]:
+        return [SearchLayer(name, _ONNX_OP.get(layer.op, "Conv")) for name, layer in self._layers.items()]
+
+    def build(self, float_layers: Sequence[str]) -> Parity:
+        extra = [rx for name in float_layers for rx in self._layers[name].regexes]
+        self.recipe = build_recipe(self.precision, [*self.keep_float, *extra], self.activation_bits)
+        write_quantized(self.float_path, self.path, self.recipe, self.qsvs)
+        return self.score(self.path, *self.holdout)
+
+    def probe(self, layer: str) -> Parity:
+        probe = self.path.with_name(f".{self.float_path.stem}.probe.tflite")
+        try:
+            write_quantized(self.float_path, probe, _only(self._layers[layer].regexes, self.precision), self.qsvs)
+            return self.score(probe, *self.probe_data)
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def cost(self, layer: str) -> float:
+        return float(sum(self.costs.get(part, 0) for part in layer.split("|")))
 
 
 def quantize_tflite(
@@ -379,74 +378,52 @@ def quantize_tflite(
     *,
     samples: list[dict[str, Any]] | None,
     signature: str,
-    score: Score,
-    tolerance: Any,
+    score: Scorer,
+    holdout: tuple[np.ndarray, np.ndarray],
+    probe: tuple[np.ndarray, np.ndarray],
+    tolerance: Tolerance,
     keep_float: Sequence[str] = (),
     namer: LayerNamer | None = None,
-    max_float_fraction: float = 0.5,
+    costs: dict[str, float] | None = None,
+    max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
     allow_int16: bool = False,
     progress: Progress | None = None,
 ) -> QuantizeResult:
-    """Quantize ``float_path`` to ``precision``, keeping layers float until ``tolerance`` holds on the held-out split.
+    """Quantize ``float_path`` to ``precision`` with the shared search, keeping layers float until ``tolerance`` holds.
 
-    ``score(path, split)`` runs a .tflite on the calibration set's ``split``
-    and returns a :class:`sfedge.parity.Parity` against torch.  The result
-    holds the last file tried; the caller gates it with ``check_parity`` (the
-    search may run out of float budget, ``max_float_fraction`` of the layers).
+    ``score(path, inputs, reference)`` runs a .tflite and compares it with
+    torch; ``holdout`` (inputs, torch outputs) is what gates, ``probe`` what
+    ranks.  The result holds the last file written; the caller gates it (the
+    search may run out of float budget).  With ``allow_int16``, int16
+    activations are the last resort (XNNPACK does not run them, see the
+    module docstring).
     """
     float_path, path = Path(float_path), Path(path)
-    workdir = path.parent
     activation_bits = 8 if precision == "int8" else None
     base = build_recipe(precision, keep_float, activation_bits or 8)
     qsvs = calibrate(float_path, samples or [], signature, base) if precision == "int8" else None
-
-    def attempt(extra: Sequence[str], bits: int, label: str) -> Any:
-        recipe = build_recipe(precision, [*keep_float, *extra], bits)
-        write_quantized(float_path, path, recipe, qsvs)
-        parity = score(path, "holdout")
-        result.attempts.append({"config": label, "activation_bits": bits if precision == "int8" else None,
-                                "float_layers": len(extra), "parity": parity.as_dict()})
-        result.recipe, result.parity = recipe, parity
-        return parity
-
-    result = QuantizeResult(path, precision, base, activation_bits)
-    if progress:
-        progress(f"ai-edge-quantizer: {precision}", None)
-    parity = attempt([], activation_bits or 8, "all layers quantized")
-    if not tolerance.failures(parity.as_dict()):
+    tell(progress, f"ai-edge-quantizer: {precision}")
+    layers = weighted_ops(float_path, namer, exclude=keep_float)
+    adapter = TfliteSearch(float_path, path, precision, qsvs, layers, keep_float, activation_bits or 8, score,
+                           holdout, probe, costs)
+    found = search(adapter, tolerance, max_float_fraction=max_float_fraction, progress=progress)
+    result = QuantizeResult(path, precision, adapter.recipe, activation_bits, list(found.float_layers), found.parity,
+                            search=found)
+    note = found.note()
+    if note:
+        result.notes.append(note)
+    if any(len(adapter._layers[n].regexes) > 1 for n in found.float_layers):
+        result.notes.append("the first layer is float, so the model input is float32 (quantized inside the "
+                            "graph after it); the output stays int8")
+    if found.met or not (precision == "int8" and allow_int16):
         return result
-
-    layers = quantizable_layers(float_path, namer, exclude=keep_float)
-    budget = int(max_float_fraction * len(layers))
-    # Cheap first try: the layers reading the model input, with the input, float (see the module doc).
-    first = [layer for layer in layers if len(layer.regexes) > 1]
-    if first and len(first) <= budget:
-        parity = attempt([rx for c in first for rx in c.regexes], activation_bits or 8, "input layer(s) float")
-        if not tolerance.failures(parity.as_dict()):
-            return _mixed(result, first, layers, precision)
-    ranked = layer_sensitivity(float_path, layers, precision, qsvs, score, workdir, progress=progress) if budget else []
-    result.sensitivity = [s for _, s in ranked]
-    chosen: list[Layer] = []
-    for layer, _ in ranked[:budget]:
-        chosen.append(layer)
-        if chosen == first:  # already tried above
-            continue
-        if progress:
-            progress(f"mixed precision: {len(chosen)} layer(s) float", len(chosen) / budget)
-        parity = attempt([rx for c in chosen for rx in c.regexes], activation_bits or 8,
-                         f"{len(chosen)} most sensitive layer(s) float")
-        if not tolerance.failures(parity.as_dict()):
-            return _mixed(result, chosen, layers, precision)
-
-    if precision == "int8" and allow_int16:
-        if progress:
-            progress("mixed precision: int16 activations", None)
-        parity = attempt([], 16, "int16 activations (static_wi8_ai16)")
-        if not tolerance.failures(parity.as_dict()):
-            result.activation_bits = 16
-            result.notes.append("int16 activations (static_wi8_ai16) were needed to meet the int8 tolerance; "
-                                "XNNPACK does not run int16 activations, so this file runs on TFLite's kernels")
-            return result
-    result.float_layers = [c.name for c in chosen]
-    result.notes.append(f"no configuration met the {precision} tolerance within {budget} float layers")
+    tell(progress, "mixed precision: int16 activations")
+    result.recipe = build_recipe(precision, keep_float, 16)
+    write_quantized(float_path, path, result.recipe, qsvs)
+    result.parity = score(path, *holdout)
+    result.float_layers = []
+    if not tolerance.failures(result.parity):
+        result.activation_bits = 16
+        result.notes = ["int16 activations (static_wi8_ai16) were needed to meet the int8 tolerance; XNNPACK does "
+                        "not run int16 activations, so this file runs on TFLite's kernels"]
     return result

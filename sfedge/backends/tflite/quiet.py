@@ -3,7 +3,7 @@
 litert-torch's import prints absl/oneDNN banners and torchao's "Failed to load
 ... CUDA" lines, and every LiteRT interpreter logs "Created TensorFlow Lite
 XNNPACK delegate" straight to file descriptor 2, past Python's sys.stderr.
-They are harmless (TOOLCHAIN.md) and drown the CLI's one-line messages, so
+They are harmless (a CPU-only install has no CUDA to load) and drown the CLI's one-line messages, so
 fd 2 is pointed at /dev/null for those calls only, unless SFEDGE_VERBOSE is
 set.  Python exceptions still propagate with their messages.
 """

@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from sfedge.backends.base import Runner, TensorSpec
+from sfedge.artifact import TensorSpec
+from sfedge.backends.base import Runner
+from sfedge.backends.registry import missing_runtime
+from sfedge.backends.tflite.quiet import native_stderr_silenced
 from sfedge.errors import BackendUnavailable, ConfigError, ExportError
 
 __all__ = ["TFLiteRunner", "INTERPRETERS", "interpreter_class", "guess_layout"]
@@ -43,10 +46,7 @@ def interpreter_class(runtime: str | None = None) -> tuple[type, str]:
         except ImportError:
             continue
         return module.Interpreter, name
-    raise BackendUnavailable(
-        f"no TFLite interpreter is installed ({' or '.join(names)})",
-        "pip install ai-edge-litert (or tflite-runtime on devices without a LiteRT wheel)",
-    )
+    raise missing_runtime("tflite", f"no TFLite interpreter is installed ({' or '.join(names)})")
 
 
 def guess_layout(shape: list[int]) -> str:
@@ -79,21 +79,19 @@ class TFLiteRunner(Runner):
 
     backend = "tflite"
 
-    def load(self) -> None:
+    def _load(self) -> None:
         if not self.path.is_file():
             raise ConfigError(f"{self.path} does not exist", "give the path of a .tflite file")
         cls, self.runtime = interpreter_class(self.options.get("runtime"))
         kwargs: dict[str, Any] = {"model_path": str(self.path)}
         if self.threads:
             kwargs["num_threads"] = int(self.threads)
-        from sfedge.backends.tflite.quiet import native_stderr_silenced
-
         try:
             with native_stderr_silenced():
                 self._interp = cls(**kwargs)
         except ValueError as e:
             raise ExportError(f"{self.runtime} cannot load {self.path.name}: {str(e).splitlines()[0]}",
-                              "the file is corrupt or uses ops this runtime lacks; see `sfedge inspect` on it") from None
+                              "the file is corrupt or uses ops this runtime lacks; see `sfedge inspect` on it") from e
         signatures = self._interp.get_signature_list()
         if not signatures:
             raise BackendUnavailable(
@@ -111,19 +109,19 @@ class TFLiteRunner(Runner):
             self.outputs = [_spec(n, d, layout) for n, d in self._run.get_output_details().items()]
             # The first call allocates tensors and applies XNNPACK: do it now, so load time includes it.
             with native_stderr_silenced():
-                self.infer(self.random_feed())
+                self._infer(self.random_feed())
         except RuntimeError as e:
             raise BackendUnavailable(
                 f"{self.runtime} cannot run {self.path.name}: {str(e).strip().splitlines()[0]}",
                 "check the op report: Flex / custom ops need a runtime built with them",
-            ) from None
+            ) from e
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._run(**feed)
         # The signature runner returns views into interpreter memory that the next call overwrites.
         return {k: np.array(v, copy=True) for k, v in out.items()}
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._run = None
         self._interp = None
 

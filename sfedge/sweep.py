@@ -21,21 +21,35 @@ profiler's worker processes like any ``sfedge profile``.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from sfedge.backends.registry import BACKENDS, runner_for
+from sfedge.build import build_bundle, factorize_checkpoint
+from sfedge.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
+from sfedge.console import table
+from sfedge.demo import demo_checkpoints
 from sfedge.errors import ConfigError, SfedgeError
 from sfedge.fileio import atomic_dir, write_json
-from sfedge.profile.measure import MeasureConfig, Measurement, measure_group, subjects_from
-from sfedge.profile.report import Report, markdown_page, markdown_table, write_csv
+from sfedge.parity import measure
+from sfedge.profile.plots import plot_sweep
+from sfedge.profile.report import Report
+from sfedge.profile.schedule import measure_group
 from sfedge.profile.stats import pareto_front
+from sfedge.profile.subjects import subjects_from
+from sfedge.profile.tables import markdown_page, markdown_table, write_csv
+from sfedge.profile.types import MeasureConfig, Measurement
+from sfedge.progress import Progress
+from sfedge.targets import load_target
+from sfedge.train import DEMO_MODELS, TrainConfig, holdout_dice, train
 
 __all__ = ["SweepPoint", "SweepResult", "sweep", "parse_s_values"]
-
-Progress = Callable[[str, "float | None"], None]
 
 
 @dataclass
@@ -120,8 +134,6 @@ class SweepResult:
         return header, rows
 
     def tables(self) -> list[Any]:
-        from sfedge.console import table
-
         header, rows = self._table()
         return [table(f"rank sweep: {self.model} on {self.target} ({self.backend} {self.precision})", header, rows,
                       caption="vs vanilla = paired ratio of medians (lower is faster); front = on the Pareto front")]
@@ -142,8 +154,6 @@ class SweepResult:
             write_csv(tmp / "sweep.csv", self.rows())
             figure = None
             if plots:
-                from sfedge.profile.plots import plot_sweep
-
                 pts = [{**p.as_dict(), "name": p.name} for p in self.points]
                 note = plot_sweep(pts, tmp / "sweep.png",
                                   f"{self.model} on {self.target} ({self.backend} {self.precision}): rank sweep")
@@ -165,8 +175,8 @@ def parse_s_values(text: str) -> list[float]:
     """'1,0.5,0.25' -> [1.0, 0.5, 0.25] (each in (0, 1])."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--s {text!r} is not a comma-separated list of numbers", "e.g. --s 1,0.5,0.25,0.125") from None
+    except ValueError as err:
+        raise ConfigError(f"--s {text!r} is not a comma-separated list of numbers", "e.g. --s 1,0.5,0.25,0.125") from err
     bad = [v for v in values if not 0 < v <= 1]
     if not values or bad:
         raise ConfigError(f"--s values must be in (0, 1], got {text!r}", "e.g. --s 1,0.5,0.25,0.125")
@@ -200,14 +210,11 @@ def sweep(
     a short fine-tune recovers much of it).  Fine-tuned checkpoints are cached
     by the vanilla weights' hash, s and steps.
     """
-    from sfedge.build import build_bundle, factorize_checkpoint
-    from sfedge.targets import BACKEND_PRECISIONS, load_target
-
     say = progress or (lambda message, fraction=None: None)
     config = config or MeasureConfig()
     tgt = load_target(target)
     prec = tgt.check_precision(precision or tgt.default_precision)
-    usable = [b for b in tgt.backends if prec in BACKEND_PRECISIONS.get(b, ())]
+    usable = [b for b in tgt.backends if prec in BACKENDS[b].precisions]
     chosen = backend or (usable[0] if usable else tgt.backend)
     if chosen not in usable:
         raise ConfigError(f"target {tgt.name} builds no {chosen} artifact at {prec}",
@@ -271,21 +278,13 @@ def sweep(
 
 def _vanilla_checkpoint(model: str | os.PathLike[str]) -> Path:
     """The dense checkpoint to factorize: a path, or a demo model name (trained on first use)."""
-    from sfedge.checkpoint import read_checkpoint_header
-
     p = Path(model)
     if not p.exists() and p.suffix != ".safetensors":
-        from sfedge.train import DEMO_MODELS
-
         if str(model) not in DEMO_MODELS:
             raise ConfigError(f"'{model}' is neither a checkpoint file nor a demo model",
                               f"give a vanilla .safetensors checkpoint or one of: {', '.join(DEMO_MODELS)}")
-        from sfedge.demo import demo_checkpoints
-
         p = demo_checkpoints()[str(model)]
     header = read_checkpoint_header(p)  # raises CheckpointError for a missing or foreign file
-    import json
-
     if json.loads(header.get("config", "{}")).get("conv") == "sfconv":
         raise ConfigError(f"{p} is already an SFConv model", "give the vanilla (dense) checkpoint to sweep from")
     return p
@@ -293,17 +292,12 @@ def _vanilla_checkpoint(model: str | os.PathLike[str]) -> Path:
 
 def _finetuned_path(vanilla: Path, factorized: Path, steps: int) -> Path:
     """Where the fine-tuned checkpoint is cached: keyed by the vanilla weights' hash, s and steps."""
-    from sfedge.checkpoint import read_checkpoint_header
-
     tag = read_checkpoint_header(vanilla)["weights_sha256"][:8]
     return factorized.with_name(f"{factorized.stem}-ft{steps}-{tag}.safetensors")
 
 
 def _finetune(factorized: Path, out: Path, s: float, steps: int, say: Progress) -> Path:
     """``factorized`` fine-tuned ``steps`` steps on the fundus demo, saved as ``out`` (reused when it exists)."""
-    from sfedge.checkpoint import load_checkpoint, save_checkpoint
-    from sfedge.train import TrainConfig, train
-
     if out.is_file():
         return out
     ck = load_checkpoint(factorized)
@@ -317,10 +311,6 @@ def _finetune(factorized: Path, out: Path, s: float, steps: int, say: Progress) 
 
 def _has_labels(ckpt: Path) -> bool:
     """Trained on the fundus demo's pseudo-labels (so held-out Dice means something)."""
-    import json
-
-    from sfedge.checkpoint import read_checkpoint_header
-
     metrics = json.loads(read_checkpoint_header(ckpt).get("metrics") or "{}")
     return "holdout_dice" in metrics
 
@@ -332,30 +322,22 @@ def _point(name: str, s: float | None, ckpt: str | Path, bundle: Any) -> SweepPo
 
 def _quality_vs_vanilla(points: list[SweepPoint], built: dict[int, Any], vanilla: Any, backend: str) -> None:
     """Run each point's artifact on the held-out inputs and compare with the vanilla torch model's outputs."""
-    import numpy as np
-
-    from sfedge.backends import runner_for
-    from sfedge.parity import compare_outputs
-
     inputs, reference = vanilla.reference()
     for p in points:
         bundle = built[id(p)]
         art = bundle.artifact(backend)
-        p.parity = dict(art.parity)
+        p.parity = art.parity.as_dict() if art.parity else {}
         own_inputs, _ = bundle.reference()
         if own_inputs.shape != inputs.shape or not np.array_equal(own_inputs, inputs):
             p.error = "held-out inputs differ from the vanilla bundle's (different calibration set or size)"
             continue
         with runner_for(art.path, backend=backend, threads=bundle.manifest["target"].get("threads")) as runner:
-            parity = compare_outputs(reference, runner.run(inputs))
+            parity = measure(runner, inputs, reference)
         p.dice_agreement, p.max_abs_vs_vanilla, p.cosine_vs_vanilla = (
             parity.dice_agreement, parity.max_abs, parity.cosine)
 
 
 def _holdout_dice(points: list[SweepPoint]) -> None:
-    from sfedge.checkpoint import load_checkpoint
-    from sfedge.train import holdout_dice
-
     for p in points:  # the torch model's quality, so also for ranks whose build failed
         p.holdout_dice = holdout_dice(load_checkpoint(p.checkpoint).model)
 

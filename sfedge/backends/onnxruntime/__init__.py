@@ -1,0 +1,1 @@
+"""The onnxruntime backend: runner.py (device side) and make.py (build side)."""

@@ -1,0 +1,83 @@
+"""Tables of profile results, for every output format: flat rows (CSV, JSON, terminal) and Markdown.
+
+Shared by the profile report, ``compare`` and the rank sweep, and by the
+plots, so none of them imports another to draw a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sfedge.profile.types import Measurement, Pairing
+
+__all__ = ["summary_rows", "pair_rows", "write_csv", "markdown_table", "markdown_page", "nest_markdown"]
+
+
+def summary_rows(device: str, measurements: Sequence[Measurement]) -> list[dict[str, Any]]:
+    """One flat row per measurement (the CSV and the tables are built from these)."""
+    rows = []
+    for m in measurements:
+        s = m.summary
+        mem = m.memory
+        rows.append({
+            "device": device, "label": m.label, "model": m.model, "backend": m.backend,
+            "precision": m.precision, "threads": m.threads, "n": s.n, "min_ms": s.min, "mean_ms": s.mean,
+            "median_ms": s.median, "p90_ms": s.p90, "p99_ms": s.p99, "max_ms": s.max, "std_ms": s.std, "cv": s.cv,
+            "drift": m.drift, "processes": len(m.per_process) or 1, "process_spread": m.process_spread,
+            "import_ms": m.import_ms, "load_ms": m.load_ms, "first_ms": m.first_ms,
+            "rss_before_load": mem.get("rss_before_load"), "rss_after_load": mem.get("rss_after_load"),
+            "rss_after_first": mem.get("rss_after_first"), "peak_rss_steady": mem.get("peak_rss_steady"),
+            "peak_rss_lifetime": mem.get("peak_rss_lifetime"), "artifact_bytes": m.artifact_bytes,
+            "s": m.meta.get("s"), "artifact": m.artifact,
+        })
+    return rows
+
+
+def pair_rows(device: str, measurements: Sequence[Measurement], pairings: Sequence[Pairing]) -> list[dict[str, Any]]:
+    """One flat row per paired comparison."""
+    by_label = {m.label: m for m in measurements}
+    rows = []
+    for p in pairings:
+        a, b = by_label[p.candidate], by_label[p.baseline]
+        rows.append({
+            "device": device, "candidate": p.candidate, "baseline": p.baseline, "backend": a.backend,
+            "precision": a.precision, "median_candidate_ms": a.summary.median, "median_baseline_ms": b.summary.median,
+            "ratio": p.ratio.ratio, "ratio_low": p.ratio.low, "ratio_high": p.ratio.high,
+            "speedup": p.ratio.speedup, "speedup_low": p.ratio.speedup_low, "speedup_high": p.ratio.speedup_high,
+            "confidence": p.ratio.confidence, "rounds": p.rounds, "block": p.block,
+        })
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def markdown_page(lines: list[str], figures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """A Markdown document: ``lines``, then the figures (PNG files beside it), then a Notes section."""
+    out = list(lines)
+    if figures:
+        out += ["", *[f"![{Path(f).stem}]({f})" for f in figures]]
+    if notes:
+        out += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    return "\n".join(out) + "\n"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def nest_markdown(text: str, levels: int = 1) -> str:
+    """``text`` with every heading ``levels`` deeper, to embed a report page as a section of another document."""
+    return "\n".join(("#" * levels + line) if line.startswith("#") else line for line in text.splitlines()) + "\n"

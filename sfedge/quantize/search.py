@@ -1,0 +1,216 @@
+"""One mixed-precision search for every backend: the fewest layers kept in float that meet the int8 gate.
+
+A backend describes its quantized model through a small adapter
+(:class:`SearchAdapter`: its layers, how to build a candidate with some
+layers float, how to probe one layer alone, what a layer costs) and
+:func:`search` runs the same loop for all of them.  Numpy only: the loop is
+tested in milliseconds with a scripted adapter.
+
+The three policies, decided once here:
+
+1. **Rank only on a miss.**  If every layer in int8 already meets the
+   tolerance, no layer is probed (the probes cost one quantized model and
+   one pass over the probe samples per layer: a minute on the demo models).
+2. **Rank on the probe split, gate on the held-out split.**  Layers are
+   ranked by their error on a few *calibration* samples (the adapter's
+   ``probe``); only the final gate looks at the held-out samples.  Choosing
+   the float layers on the samples that then judge the result would make the
+   gate optimistic (a selection bias the held-out split exists to avoid).
+3. **A float budget.**  At most ``max_float_fraction`` of the quantizable
+   layers (default half) may stay float.  A model that needs more is not an
+   int8 model; the result says the tolerance was missed and the caller's gate
+   fails with the numbers.
+
+The order is the sensitivity ranking (most sensitive first); ``cost`` (MACs,
+or measured latency where a table exists) is recorded for every layer and
+summed over what stayed float, so a manifest says what the float layers cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from sfedge.parity import Parity, Tolerance
+from sfedge.progress import Progress, tell
+
+__all__ = [
+    "SearchLayer", "SearchAdapter", "LayerSensitivity", "SearchResult", "search", "layer_role",
+    "DEFAULT_MAX_FLOAT_FRACTION",
+]
+
+DEFAULT_MAX_FLOAT_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class SearchLayer:
+    """One quantizable layer, as the backend names it."""
+
+    name: str
+    op_type: str  # ONNX vocabulary for every backend: Conv, ConvTranspose, Gemm, MatMul
+    role: str = ""  # what it is in the model (see layer_role)
+
+
+class SearchAdapter(Protocol):
+    """What :func:`search` needs from a backend's quantizer."""
+
+    def layers(self) -> Sequence[SearchLayer]:
+        """The quantizable layers, in graph order."""
+        ...
+
+    def build(self, float_layers: Sequence[str]) -> Parity:
+        """Write the candidate with ``float_layers`` kept float (the rest int8); its held-out parity."""
+        ...
+
+    def probe(self, layer: str) -> Parity:
+        """Parity on the probe samples of a model with only ``layer`` in int8 (the rest float)."""
+        ...
+
+    def cost(self, layer: str) -> float:
+        """What running ``layer`` costs (MACs, or measured ms): the price of keeping it float."""
+        ...
+
+
+@dataclass
+class LayerSensitivity:
+    """Output error of the model when only ``layer`` runs in int8 (the rest float)."""
+
+    layer: str
+    op_type: str
+    role: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    dice_agreement: float
+    samples: int
+    cost: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """The ranking key (higher = more sensitive): mean |error| of the output logits.
+
+        Mean error rather than mask Dice: with one layer quantized most masks
+        barely change, and the continuous error still orders layers by the
+        noise they add, which is what accumulates when all are quantized.
+        """
+        return self.mean_abs
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["score"] = self.score
+        return d
+
+
+@dataclass
+class SearchResult:
+    """What the search did: each step's parity, the ranking, the layers left float and their cost."""
+
+    tolerance: dict[str, float]
+    met: bool
+    float_layers: list[str]
+    layers: int
+    budget: int
+    all_int8_parity: Parity
+    parity: Parity
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)
+    float_cost: float = 0.0
+    total_cost: float = 0.0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tolerance": dict(self.tolerance), "met": self.met, "float_layers": list(self.float_layers),
+            "layers": self.layers, "budget": self.budget, "all_int8_parity": self.all_int8_parity.as_dict(),
+            "parity": self.parity.as_dict(), "steps": list(self.steps),
+            "sensitivity": [s.as_dict() for s in self.sensitivity],
+            "float_cost": self.float_cost, "total_cost": self.total_cost,
+            "float_cost_fraction": self.float_cost / self.total_cost if self.total_cost else 0.0,
+            "seconds": self.seconds,
+        }
+
+    def note(self) -> str | None:
+        """One line for the artifact's notes when layers stayed float, else None."""
+        if not self.float_layers:
+            return None
+        share = f", {self.float_cost / self.total_cost:.0%} of the model's cost" if self.total_cost else ""
+        return (f"{len(self.float_layers)} of {self.layers} layers kept in float to meet the int8 tolerance"
+                f"{share}: {', '.join(self.float_layers)}")
+
+
+def search(
+    adapter: SearchAdapter,
+    tolerance: Tolerance,
+    *,
+    max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Quantize everything; on a miss, move the most sensitive layers to float until ``tolerance`` holds.
+
+    The last candidate the adapter built is the result (met or not): the
+    caller gates it and deletes it on a miss.  See the module docstring for
+    the policies.
+    """
+    start = time.perf_counter()
+    tell(progress, "quantizing every layer to int8", 0.05)
+    parity = all_int8 = adapter.build([])
+    steps = [_step(0, None, parity)]
+    layers = list(adapter.layers())
+    costs = {layer.name: float(adapter.cost(layer.name)) for layer in layers}
+    budget = int(max_float_fraction * len(layers))
+    ranking: list[LayerSensitivity] = []
+    chosen: list[str] = []
+    if tolerance.failures(parity) and budget:
+        ranking = _rank(adapter, layers, costs, progress)
+        for sens in ranking[:budget]:
+            chosen.append(sens.layer)
+            tell(progress, f"keeping {len(chosen)} layer(s) in float ({sens.layer})",
+                 0.7 + 0.3 * len(chosen) / max(1, budget))
+            parity = adapter.build(chosen)
+            steps.append(_step(len(chosen), sens.layer, parity))
+            if not tolerance.failures(parity):
+                break
+    met = not tolerance.failures(parity)
+    tell(progress, f"mixed precision: {len(chosen)} layer(s) in float, tolerance {'met' if met else 'missed'}", 1.0)
+    return SearchResult(
+        tolerance=tolerance.as_dict(), met=met, float_layers=chosen, layers=len(layers), budget=budget,
+        all_int8_parity=all_int8, parity=parity, steps=steps, sensitivity=ranking,
+        float_cost=sum(costs[n] for n in chosen), total_cost=sum(costs.values()),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _rank(adapter: SearchAdapter, layers: Sequence[SearchLayer], costs: dict[str, float],
+          progress: Progress | None) -> list[LayerSensitivity]:
+    """Each layer alone in int8 on the probe samples, most sensitive first."""
+    out = []
+    for i, layer in enumerate(layers):
+        tell(progress, f"sensitivity {i + 1}/{len(layers)}: {layer.name}", 0.1 + 0.6 * i / max(1, len(layers)))
+        p = adapter.probe(layer.name)
+        out.append(LayerSensitivity(layer.name, layer.op_type, layer.role or layer_role(layer.name, layer.op_type),
+                                    p.max_abs, p.mean_abs, p.cosine, p.dice_agreement, p.samples, costs[layer.name]))
+    out.sort(key=lambda s: s.score, reverse=True)
+    return out
+
+
+def _step(n: int, added: str | None, parity: Parity) -> dict[str, Any]:
+    return {"float_layers": n, "added": added, "dice_agreement": parity.dice_agreement, "cosine": parity.cosine,
+            "max_abs": parity.max_abs, "mean_abs": parity.mean_abs}
+
+
+def layer_role(name: str, op_type: str) -> str:
+    """A readable role from a layer's module path (``/inc/inc.0/conv_a/Conv`` or ``inc.0.conv_a``) and op type."""
+    path = "/" + name.replace(".", "/").strip("/") + "/"
+    if op_type == "ConvTranspose":
+        return "up (transposed conv)"
+    if "/conv_a/" in path:
+        return "sfconv 1xk (to rank r)"
+    if "/conv_b/" in path:
+        return "sfconv kx1 (rank-r input)"
+    if path.startswith("/head/"):
+        return "head (1x1)"
+    if op_type in ("MatMul", "Gemm"):
+        return "linear"
+    return "dense conv"
