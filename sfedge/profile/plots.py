@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sfedge.profile.emulation import EMULATED_LABEL, latency_caption
 from sfedge.profile.stats import pareto_front
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def _latency(plt: Any, report: Report, path: Path) -> None:
             ax.set_xscale("log")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("latency per inference (ms)")
-    fig.suptitle(f"{report.device}: latency distribution", fontsize=10)
+    fig.suptitle(f"{report.device}: latency distribution{latency_caption(report.host)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -105,7 +106,7 @@ def _speedup(plt: Any, report: Report, path: Path) -> None:
                 va="center", fontsize=8)
     ax.set_xlim(0, max(r["speedup_high"] for r in rows) * 1.3)
     ax.set_xlabel(f"speedup = median(baseline) / median(candidate), {rows[0]['confidence']:.0%} bootstrap CI")
-    ax.set_title(f"{report.device}: paired speedup", fontsize=10)
+    ax.set_title(f"{report.device}: paired speedup{latency_caption(report.host)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -167,7 +168,9 @@ def plot_compare(pairs: Sequence[dict[str, Any]], summaries: Sequence[dict[str, 
     ax.set_xscale("log")
     ax.set_xlabel("median latency (ms, log scale)")
     ax.legend(fontsize=7)
-    fig.suptitle("sfedge compare: " + ", ".join(devices), fontsize=10)
+    emulated = {r["device"] for r in [*pairs, *summaries] if r.get("emulated")}
+    fig.suptitle("sfedge compare: " + ", ".join(f"{d} ({EMULATED_LABEL})" if d in emulated else d for d in devices),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,6 +25,7 @@ import sfedge
 from sfedge.console import fmt_bytes, table
 from sfedge.errors import SfedgeError
 from sfedge.fileio import atomic_dir, read_schema_json, write_json
+from sfedge.profile.emulation import EMULATED_LABEL, emulation_info, latency_caption
 from sfedge.profile.measure import MeasureConfig, Measurement, Pairing
 from sfedge.profile.stats import CV_WARNING
 
@@ -57,6 +58,9 @@ class Report:
         """A report stamped with this host's facts and the time now; notes gathered from the measurements."""
         host = host_info()
         gathered = list(notes or [])
+        if host.get("emulated"):
+            gathered.append(f"measured under emulation ({', '.join(host['emulation']['detected_by'])}): every latency "
+                            f"here is {EMULATED_LABEL}; it checks the device path, never the device's speed")
         noisy = [f"{m.label} ({m.summary.cv:.0%})" for m in measurements if m.summary.noisy]
         if noisy:
             gathered.append(f"coefficient of variation above {CV_WARNING:.0%} for {', '.join(noisy)}: the machine is "
@@ -126,7 +130,7 @@ class Report:
             "CIs).", "",
         ]
         if self.pairings:
-            lines += ["## Paired comparisons (alternating A B B A ...)", ""]
+            lines += [f"## Paired comparisons (alternating A B B A ...){latency_caption(h)}", ""]
             rows = pair_rows(self)
             lines += markdown_table(
                 ["candidate", "baseline", "median A ms", "median B ms", "speedup B/A", f"{_ci_pct(self)} CI", "rounds"],
@@ -134,7 +138,7 @@ class Report:
                   f"{r['speedup']:.3f}x", f"[{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
                  for r in rows])
             lines.append("")
-        lines += ["## Latency (ms)", ""]
+        lines += [f"## Latency (ms){latency_caption(h)}", ""]
         lines += markdown_table(
             ["configuration", "n", "min", "median", "mean", "p90", "p99", "std", "CV", "process spread", "load ms",
              "first ms"],
@@ -163,13 +167,14 @@ class Report:
         out = []
         if self.pairings:
             out.append(table(
-                f"{self.device}: paired runs (A B B A ...), speedup = median B / median A, {_ci_pct(self)} bootstrap CI",
+                f"{self.device}: paired runs (A B B A ...), speedup = median B / median A, {_ci_pct(self)} bootstrap CI"
+                f"{latency_caption(self.host)}",
                 ["candidate (A)", "baseline (B)", "median A ms", "median B ms", "speedup [CI]", "rounds"],
                 [[r["candidate"], r["baseline"], r["median_candidate_ms"], r["median_baseline_ms"],
                   f"{r['speedup']:.3f}x [{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
                  for r in pair_rows(self)]))
         out.append(table(
-            f"{self.device}: latency (ms) and memory",
+            f"{self.device}: latency (ms) and memory{latency_caption(self.host)}",
             ["configuration", "median", "p90", "p99", "CV", "load", "1st run", "peak RSS", "file"],
             [[r["label"], r["median_ms"], r["p90_ms"], r["p99_ms"], f"{r['cv']:.1%}", r["load_ms"], r["first_ms"],
               fmt_bytes(r["peak_rss_steady"]), fmt_bytes(r["artifact_bytes"])] for r in summary_rows(self)],
@@ -202,7 +207,7 @@ def summary_rows(report: Report) -> list[dict[str, Any]]:
             "rss_before_load": mem.get("rss_before_load"), "rss_after_load": mem.get("rss_after_load"),
             "rss_after_first": mem.get("rss_after_first"), "peak_rss_steady": mem.get("peak_rss_steady"),
             "peak_rss_lifetime": mem.get("peak_rss_lifetime"), "artifact_bytes": m.artifact_bytes,
-            "s": m.meta.get("s"), "artifact": m.artifact,
+            "s": m.meta.get("s"), "artifact": m.artifact, "emulated": bool(report.host.get("emulated")),
         })
     return rows
 
@@ -218,6 +223,7 @@ def pair_rows(report: Report) -> list[dict[str, Any]]:
             "ratio": p.ratio.ratio, "ratio_low": p.ratio.low, "ratio_high": p.ratio.high,
             "speedup": p.ratio.speedup, "speedup_low": p.ratio.speedup_low, "speedup_high": p.ratio.speedup_high,
             "confidence": p.ratio.confidence, "rounds": p.rounds, "block": p.block,
+            "emulated": bool(report.host.get("emulated")),
         })
     return rows
 
@@ -265,6 +271,7 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(), "sfedge": sfedge.__version__, "cpu_count": os.cpu_count(),
         "memory_bytes": psutil.virtual_memory().total, "cpu": _cpu_model(),
     }
+    info.update(emulation_info())  # emulated: true (and how it was seen) under QEMU user mode
     try:
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:

@@ -141,8 +141,15 @@ def make(
         candidate = final.with_name(f".{final.stem}.candidate.tflite")
         if precision == "fp16":
             meta["recipe"] = cast_weights_fp16(float_path, candidate, keep_float)
-            notes.append("fp16 weights (DEQUANTIZE to fp32 at load): runs in fp16 only on ARM cores with fp16 "
-                         "arithmetic; on x86 XNNPACK up-casts the weights and runs fp32")
+            if target.device.get("fp16_arithmetic"):  # XNNPACK computes in fp16 only when the file says so
+                from sfedge.backends.tflite.fp16 import FP16_INFERENCE, FP16_NOTE, mark_fp16_inference
+
+                meta["reduced_precision_support"] = FP16_INFERENCE
+                mark_fp16_inference(candidate)
+                notes.append(f"fp16 weights; {FP16_NOTE}")
+            else:
+                notes.append("fp16 weights (DEQUANTIZE to fp32 at load), computed in fp32 on every CPU: the target "
+                             "has no fp16 arithmetic, so the file carries no reduced-precision metadata")
             parity = score(candidate, "holdout")
         else:
             result = quantize_tflite(
