@@ -171,7 +171,7 @@ def parity_on_text(artifact: dict[str, Any]) -> str:
     parts = []
     for arch, e in (artifact.get("parity_on") or {}).items():
         parts.append(f"{arch}{' (emulated)' if e.get('emulated') else ''}: {e.get('status')} "
-                     f"[{_metrics(e.get('parity', {}))}]")
+                     f"({_metrics(e.get('parity', {}))})")
     return "; ".join(parts) or "-"
 
 

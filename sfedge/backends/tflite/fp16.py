@@ -30,7 +30,8 @@ from pathlib import Path
 from sfedge.errors import BackendUnavailable
 from sfedge.fileio import atomic_path
 
-__all__ = ["REDUCED_PRECISION_KEY", "FP16_INFERENCE", "mark_fp16_inference", "reduced_precision", "FP16_NOTE"]
+__all__ = ["REDUCED_PRECISION_KEY", "FP16_INFERENCE", "FP16_NOTE", "mark_fp16_inference", "set_reduced_precision",
+           "reduced_precision"]
 
 REDUCED_PRECISION_KEY = "reduced_precision_support"
 FP16_INFERENCE = "fp16accfp16"  # fp16 inference, fp16 accumulation: what XNNPACK requires to switch to fp16
@@ -58,10 +59,15 @@ def reduced_precision(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def mark_fp16_inference(path: str | os.PathLike[str], value: str = FP16_INFERENCE) -> Path:
-    """Rewrite ``path`` in place with ``reduced_precision_support = value`` (replacing an existing entry).
+def mark_fp16_inference(path: str | os.PathLike[str]) -> Path:
+    """Rewrite ``path`` in place so XNNPACK may compute it in fp16 (``reduced_precision_support = fp16accfp16``)."""
+    return set_reduced_precision(path, FP16_INFERENCE)
 
-    Only the metadata table and one new buffer change; operators, tensors,
+
+def set_reduced_precision(path: str | os.PathLike[str], value: str | None) -> Path:
+    """Rewrite ``path`` in place with ``reduced_precision_support = value`` (None: without the entry).
+
+    Only the metadata table and one buffer change; operators, tensors,
     weights and signatures are written back as read.  Atomic: the file is
     replaced only once the new one is complete.
     """
@@ -71,14 +77,16 @@ def mark_fp16_inference(path: str | os.PathLike[str], value: str = FP16_INFERENC
     fb = _flatbuffer_utils()
     path = Path(path)
     model = fb.read_model_from_bytearray(bytearray(path.read_bytes()))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(value.encode(), dtype=np.uint8).copy()
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = REDUCED_PRECISION_KEY, len(model.buffers) - 1
     kept = [m for m in (model.metadata or [])
             if (m.name.decode() if isinstance(m.name, bytes) else m.name) != REDUCED_PRECISION_KEY]
-    model.metadata = [*kept, entry]
+    if value is not None:
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(value.encode(), dtype=np.uint8).copy()
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = REDUCED_PRECISION_KEY, len(model.buffers) - 1
+        kept.append(entry)
+    model.metadata = kept or None
     data = fb.convert_object_to_bytearray(model)
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(bytes(data))
