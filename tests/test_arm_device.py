@@ -8,7 +8,7 @@ with the runtime-only ``--install``, ``sfedge compare``, and fp16 TFLite files w
 reduced-precision metadata makes XNNPACK compute in fp16 on an ARMv8.2 core.
 
 Emulated floating-point SIMD is about a thousand times slower than native, so the
-bundles here are small (32x32 inputs, 4 held-out crops) except the one real target
+bundles here are tiny (16x16 inputs, 4 held-out crops) except the one real target
 bundle (android-arm64 int8 at 256x256, trained demo checkpoint, 2 held-out crops).
 Skipped, with the reason, where the machine cannot run the device.
 """
@@ -23,9 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import arm_device
+import pytest
 
 pytestmark = [pytest.mark.arm, pytest.mark.slow]
 
@@ -38,7 +37,7 @@ precisions = ["fp32", "fp16", "int8"]
 default_precision = "fp32"
 layout = "NHWC"
 threads = 2
-input_size = [32, 32]
+input_size = [16, 16]
 {tolerances}
 [device]
 arch = "aarch64"
@@ -122,7 +121,7 @@ def _json(out: str):
 
 @pytest.fixture(scope="session")
 def small_bundles(device, arm_files, demo_checkpoints, tmp_path_factory) -> dict:
-    """SFConv bundles built with --verify-on the device and vanilla bundles, fp32 / fp16 / int8, 32x32."""
+    """SFConv bundles built with --verify-on the device and vanilla bundles, fp32 / fp16 / int8, 16x16."""
     out = tmp_path_factory.mktemp("arm-bundles")
     env = {"SFEDGE_TARGETS": str(arm_files / "targets")}
     common = ["--target", "arm-small", "-p", "fp32", "-p", "fp16", "-p", "int8", "-c",
