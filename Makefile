@@ -9,13 +9,16 @@ STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' 
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup demo test test-fast bench lint lint-imports clean help
+.PHONY: setup demo test test-fast test-arm arm-device arm-device-stop bench lint lint-imports clean help
 
 help:
 	@echo "make setup   create .venv and install sfedge with its build, runtime and dev extras"
 	@echo "make demo    train (or load) the demo U-Nets, build host-cpu and device bundles, profile"
 	@echo "make test    check the import rules, then run the test suite"
 	@echo "make test-fast  the tests not marked slow (seconds to a few minutes)"
+	@echo "make test-arm       start the emulated aarch64 device, run the ARM tier against it, stop it (root)"
+	@echo "make arm-device     start the emulated aarch64 device (Debian arm64 under QEMU, sshd on localhost)"
+	@echo "make arm-device-stop"
 	@echo "make bench   write the benchmark report to reports/bench/"
 	@echo "make lint    ruff and the import rules (lint-imports)"
 
@@ -43,6 +46,23 @@ test-fast: setup lint-imports
 # The direction of dependencies (pyproject.toml [tool.importlinter]; README: Architecture).
 lint-imports: setup
 	$(VENV)/bin/lint-imports --no-cache
+
+# The emulated aarch64 device (tests/arm_device.py): built once into .cache/arm-device, then started in seconds.
+# ARM_TARGET picks QEMU's CPU model from a target (raspberry-pi-5: Cortex-A76).  Exit 3 = this machine cannot.
+ARM_TARGET ?= raspberry-pi-5
+arm-device: setup
+	$(PY) tests/arm_device.py start --target $(ARM_TARGET)
+
+arm-device-stop:
+	$(PYTHON) tests/arm_device.py stop
+
+# The ARM tier: start (or build) the device, run the tests marked `arm`, always stop it.  Where the machine cannot
+# run the device (no root, no binfmt_misc) the tests are skipped with that reason.
+test-arm: setup
+	@$(PY) tests/arm_device.py start --target $(ARM_TARGET); rc=$$?; \
+	if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then $(PY) tests/arm_device.py stop; exit $$rc; fi; \
+	$(PY) -m pytest -q -m arm tests/test_arm_device.py; rc=$$?; \
+	$(PY) tests/arm_device.py stop; exit $$rc
 
 bench: setup
 	$(PY) bench/run.py --out reports/bench

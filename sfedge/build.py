@@ -37,6 +37,7 @@ from sfedge.nn import count_macs, count_params, factorize, fold
 from sfedge.progress import Progress, scaled
 from sfedge.source import ModelSource
 from sfedge.targets import Target, load_target
+from sfedge.verify_on import VerifyOn
 
 __all__ = ["BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name"]
 
@@ -62,7 +63,7 @@ class BuildResult:
             "precision": m["precision"], "seconds": round(self.seconds, 1),
             "artifacts": [
                 {"backend": a["backend"], "kind": a["kind"], "size": a.get("size"), "parity": a.get("parity", {}),
-                 "float_layers": len(a.get("float_layers", []))}
+                 "float_layers": len(a.get("float_layers", [])), "parity_on": a.get("parity_on", {})}
                 for a in m["artifacts"]
             ],
         }
@@ -118,11 +119,14 @@ def build_bundle(
     out_dir: str | os.PathLike[str] = "bundles",
     force: bool = False,
     progress: Progress | None = None,
+    verify_on: VerifyOn | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle for (model, target, precision) under ``out_dir``.
 
     Errors (unknown target or precision, corrupt checkpoint, bad calibration
-    set, parity failure) leave no bundle folder behind.
+    set, parity failure) leave no bundle folder behind.  ``verify_on``
+    (:class:`sfedge.verify_on.VerifyOn`) also verifies the bundle on remote
+    devices before it exists and records their parity in the manifest.
     """
     start = time.perf_counter()
     say = progress or (lambda message, fraction=None: None)
@@ -151,7 +155,8 @@ def build_bundle(
     if not force and (dest / MANIFEST).is_file():
         try:
             existing = load_bundle(dest)
-            if existing.manifest.get("build_key") == key and check_files(existing).passed:
+            if (existing.manifest.get("build_key") == key and check_files(existing).passed
+                    and (verify_on is None or verify_on.recorded(existing.manifest))):
                 say("up to date", 1.0)
                 return BuildResult(dest, True, existing, time.perf_counter() - start)
         except Exception:  # an unreadable old bundle is simply rebuilt
@@ -175,6 +180,8 @@ def build_bundle(
             info = manifest["files"].get(a["path"])
             a["sha256"], a["size"] = (info["sha256"], info["size"]) if info else (None, _dir_size(tmp / a["path"]))
         write_json(tmp / MANIFEST, manifest)
+        if verify_on is not None:  # parity on the devices' own kernels; a failure there leaves no bundle
+            verify_on.check(tmp, dest.name, say)
     say("done", 1.0)
     return BuildResult(dest, False, load_bundle(dest), time.perf_counter() - start)
 

@@ -173,6 +173,10 @@ def test_fp16_halves_the_file_and_matches(built, demo_sources, fundus_calibratio
     parity = _independent_parity(fp16, demo_sources["unet-sfconv"], fundus_calibration)
     assert not host_target.tolerance("fp16").failures(parity)
     assert op_report(fp16.path).ops.get("DEQUANTIZE", 0) > 0  # fp16 constants, dequantized at load
+    # host-cpu has no fp16 arithmetic: no reduced-precision metadata, so every CPU computes the file in fp32.
+    from sfedge.backends.tflite.fp16 import reduced_precision
+
+    assert reduced_precision(fp16.path) is None and "computed in fp32" in " ".join(fp16.notes)
 
 
 def test_int8_dynamic_builds_or_fails_loudly(demo_sources, fundus_calibration, host_target, tflite_dir) -> None:

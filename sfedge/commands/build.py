@@ -18,6 +18,8 @@ EPILOG = """examples:
   sfedge build ckpt.safetensors --all-targets --precision int8
   sfedge build unet-sfconv --target my-board.toml          (registry name: untrained weights)
   sfedge build bundles/unet__jetson-orin-nano__int8        (on the Jetson: build the engine into the bundle)
+  sfedge build ckpt.safetensors --target raspberry-pi-5 --verify-on pi@raspberrypi
+                                     (parity on the Pi's own kernels, recorded in the manifest; fails the build if off)
 
 A bundle whose inputs (weights, target, precision, calibration set, toolchain) are
 unchanged is not rebuilt; --force rebuilds it.  A failed or interrupted build leaves
@@ -37,6 +39,15 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("--force", action="store_true", help="rebuild even when the bundle is up to date")
     p.add_argument("--dry-run", action="store_true", help="list the (target, precision) builds and stop")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    r = p.add_argument_group("parity on the device (plain ssh/scp, as `sfedge profile --remote`)")
+    r.add_argument("--verify-on", action="append", default=[], metavar="USER@HOST",
+                   help="before a bundle exists, run `sfedge verify` on this device and record its parity in the "
+                        "manifest (parity_on); an artifact outside the tolerance there fails the build (repeatable)")
+    r.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE", help="passed to ssh and scp as -o")
+    r.add_argument("--ssh-config", help="ssh_config file to use instead of ~/.ssh/config (ssh -F)")
+    r.add_argument("--remote-python", default="python3", help="Python on the device that has sfedge (default python3)")
+    r.add_argument("--install", action="store_true",
+                   help="if sfedge or a runtime is missing on the device, install this sfedge there as a wheel")
     p.set_defaults(func=run)
     return p
 
@@ -66,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     single = len(jobs) == 1
     from sfedge.build import build_bundle
 
+    verify_on = _verify_on(args)
+
     with progress_bar("build", total=len(jobs), enabled=not args.json) as bar:
         for i, (t, p) in enumerate(jobs):
             label = f"{t.name} {p}"
@@ -75,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 results.append(build_bundle(args.model, t, p, calibration=args.calibration, out_dir=Path(args.out),
-                                            force=args.force, progress=sub))
+                                            force=args.force, progress=sub, verify_on=verify_on))
             except SfedgeError as e:
                 if single:
                     raise
@@ -96,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bundles_table(title: str, results: list) -> Any:
-    """One row per artifact of each BuildResult: where it is for, its size, parity and whether it was rebuilt."""
+    """One row per artifact of each BuildResult: where it is for, its size, parity (on the devices too, when
+    verified there) and whether it was rebuilt."""
+    from sfedge.verify_on import parity_on_text
+
+    on_device = any(a.get("parity_on") for r in results for a in r.summary()["artifacts"])
     rows = []
     for r in results:
         s = r.summary()
@@ -104,9 +121,22 @@ def bundles_table(title: str, results: list) -> Any:
             par = a["parity"]
             rows.append([s["model"], s["target"], s["precision"], a["backend"], a["kind"], fmt_bytes(a["size"]),
                          par.get("max_abs"), par.get("cosine"), par.get("dice_agreement"), a["float_layers"],
+                         *([parity_on_text(a)] if on_device else []),
                          "cached" if s["cached"] else f"built {s['seconds']}s", s["bundle"]])
     return table(title, ["model", "target", "precision", "backend", "artifact", "size", "max abs", "cosine",
-                         "mask Dice vs torch", "float layers", "status", "folder"], rows)
+                         "mask Dice vs torch", "float layers", *(["on the device"] if on_device else []), "status",
+                         "folder"], rows)
+
+
+def _verify_on(args: argparse.Namespace) -> Any:
+    """The --verify-on hosts and how to reach them, or None."""
+    if not args.verify_on:
+        return None
+    from sfedge.profile.remote import RemoteOptions
+    from sfedge.verify_on import VerifyOn, parse_hosts
+
+    return VerifyOn(parse_hosts(args.verify_on), RemoteOptions(
+        ssh_options=list(args.ssh_option), ssh_config=args.ssh_config, python=args.remote_python, install=args.install))
 
 
 def _complete_on_device(args: argparse.Namespace) -> int:

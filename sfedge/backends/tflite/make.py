@@ -24,6 +24,7 @@ import numpy as np
 
 from sfedge.artifact import Artifact
 from sfedge.backends.tflite.convert import cast_weights_fp16, convert_float, tflite_layout
+from sfedge.backends.tflite.fp16 import FP16_INFERENCE, FP16_NOTE, mark_fp16_inference
 from sfedge.backends.tflite.ops import op_report
 from sfedge.backends.tflite.quantize import NMF_SCOPE, LayerNamer, module_call_order, quantize_tflite, scope_layers
 from sfedge.backends.tflite.runner import TFLiteRunner
@@ -128,8 +129,13 @@ def make(
         path, parity = float_path, fp32_parity
     elif precision == "fp16":
         meta["recipe"] = cast_weights_fp16(float_path, path, keep_float)
-        notes.append("fp16 weights (DEQUANTIZE to fp32 at load): runs in fp16 only on ARM cores with fp16 "
-                     "arithmetic; on x86 XNNPACK up-casts the weights and runs fp32")
+        if target.device.get("fp16_arithmetic"):  # XNNPACK computes in fp16 only when the file says so
+            meta["reduced_precision_support"] = FP16_INFERENCE
+            mark_fp16_inference(path)
+            notes.append(f"fp16 weights; {FP16_NOTE}")
+        else:
+            notes.append("fp16 weights (DEQUANTIZE to fp32 at load), computed in fp32 on every CPU: the target "
+                         "has no fp16 arithmetic, so the file carries no reduced-precision metadata")
         parity = score(path, *holdout)
     else:
         probe = calibration.calibration[:PROBE_SAMPLES]
