@@ -39,7 +39,7 @@ def read_plan(folder: str | Path) -> dict[str, Any]:
     """The build.json of a device folder (BundleError when missing or not one)."""
     path = Path(folder) / PLAN_FILE
     try:
-        plan = json.loads(path.read_text())
+        plan: dict[str, Any] = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{folder} is not a TensorRT device folder ({PLAN_FILE}: {e})",
                           "give the folder `sfedge build` wrote for a Jetson target") from e
@@ -67,7 +67,7 @@ def build_from_folder(
     plan = read_plan(folder)
     gpu = gpu or detect_gpu()
     why = gpu.mismatch(plan["tensorrt"], plan["sm"]) if gpu is not None else "no CUDA GPU with TensorRT here"
-    if why is not None:
+    if gpu is None or gpu.tensorrt is None or why is not None:
         raise BackendUnavailable(f"cannot build the engine in {folder.name} on this machine: {why}",
                                  f"run it on a {plan['target']} device, or run {SCRIPT} there")
     step = plan.get("fallback") if use_fallback else plan

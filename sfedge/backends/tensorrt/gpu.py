@@ -117,9 +117,10 @@ def _run_probe(code: str, timeout: float) -> dict[str, Any] | None:
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
             try:
-                return json.loads(line[len(_MARK):])
+                report: dict[str, Any] = json.loads(line[len(_MARK):])
             except json.JSONDecodeError:
                 return None
+            return report
     return None
 
 
