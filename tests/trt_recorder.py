@@ -43,7 +43,8 @@ class _HostMemory(bytes):
 
 def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.ModuleType:
     """A ``tensorrt`` module for release ``version`` whose objects append what they are asked to ``calls``."""
-    major = int(version.split(".")[0])
+    major, minor, patch = (int(p) for p in (version.split(".") + ["0", "0"])[:3])
+    code = major * (10000 if major >= 10 else 1000) + minor * 100 + patch  # NV_TENSORRT_VERSION
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
 
@@ -123,7 +124,10 @@ def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.Modu
 
     class Parser:
         def __init__(self, network: Network, logger: Any) -> None:
-            self.network, self.num_errors, self.flags = network, 0, 0
+            self.network, self.num_errors, self.flags, self.errors = network, 0, 0, []
+
+        def get_error(self, i: int) -> str:
+            return self.errors[i]
 
         def clear_flag(self, flag: Any) -> None:
             pass
@@ -132,7 +136,12 @@ def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.Modu
             import onnx
 
             calls.append(("parse_from_file", Path(path).name))
-            graph = onnx.load(path, load_external_data=False).graph
+            try:
+                graph = onnx.load(path, load_external_data=False).graph
+            except Exception as e:  # TensorRT's parser reports the failure through num_errors / get_error
+                self.errors.append(f"ModelImporter: failed to parse the ONNX model: {type(e).__name__}")
+                self.num_errors = len(self.errors)
+                return False
             inits = {t.name for t in graph.initializer}
             for inp in graph.input:
                 if inp.name not in inits:
@@ -244,6 +253,9 @@ def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.Modu
             if int8 and not qdq:
                 calibrator = config.int8_calibrator
                 cache = calibrator.read_calibration_cache() if calibrator is not None else None
+                if cache and not bytes(cache).startswith(f"TRT-{code}-".encode()):
+                    calls.append(("calibration cache ignored", bytes(cache).decode().splitlines()[0]))
+                    cache = None  # TensorRT ignores a cache from another release, then calibrates
                 if cache:
                     record["calibration_cache_header"] = bytes(cache).decode().splitlines()[0]
                     record["calibrator_base"] = [b.__name__ for b in type(calibrator).__mro__][1]
