@@ -4,9 +4,7 @@ everything else real), and when something is broken; and the self-test model it 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +16,14 @@ import sfedge.backends.tensorrt.runner as runner_module
 import sfedge.commands.doctor as doctor
 from sfedge.artifact import TensorSpec
 from sfedge.backends.base import Runner
-from sfedge.backends.onnxruntime.runner import OnnxRuntimeRunner
-from sfedge.backends.tensorrt.builder import EngineBuild
 from sfedge.backends.tensorrt.gpu import DeviceReport, GpuInfo
 from sfedge.backends.tensorrt.rules import lint_onnx
 from sfedge.cli import main
 from sfedge.errors import ExportError
-from sfedge.fileio import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doctor_model  # noqa: E402  (tests/doctor_model.py writes the shipped files)
+from trt_recorder import ORIN, DriftingEngine, EngineAsOnnx, fake_build_engine  # noqa: E402
 
 GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu")
 
@@ -70,36 +66,11 @@ def test_doctor_here_says_what_is_missing_and_exits_0(sfedge_cli) -> None:
 
 
 # -- on a device: GPU probe, builder and runner replaced ----------------------------------------------------------
-ORIN = GpuInfo(name="Orin", sm=87, memory_bytes=7 << 30, cuda_driver=12060, tensorrt="10.3.0.30",
-               jetson_model="NVIDIA Jetson Orin Nano Developer Kit", l4t="# R36 (release), REVISION: 4.0",
-               dla_cores=0, free_memory_bytes=5 << 30)
-
-
-def _fake_build(onnx_path, engine_path, *, precision, timing_cache=None, workspace_mb=1024, **_):
-    """The "engine" is the ONNX it was built from (run by ONNX Runtime below)."""
-    t0 = time.perf_counter()
-    with atomic_path(engine_path) as tmp:
-        shutil.copyfile(onnx_path, tmp)
-    return EngineBuild(Path(engine_path), ORIN.tensorrt, precision, False, False, time.perf_counter() - t0,
-                       Path(engine_path).stat().st_size, None)
-
-
-class EngineAsOnnx(OnnxRuntimeRunner):
-    backend = "tensorrt"
-
-
-class DriftingEngine(EngineAsOnnx):
-    """An engine whose outputs are 0.01 off: what a wrong kernel or precision would look like."""
-
-    def _infer(self, feed):
-        return {k: v + np.float32(0.01) for k, v in super()._infer(feed).items()}
-
-
 @pytest.fixture()
 def on_orin(monkeypatch):
     monkeypatch.setattr(doctor, "probe_device", lambda: DeviceReport(ORIN, ORIN.tensorrt, None, ORIN.jetson_model,
                                                                      ORIN.l4t))
-    monkeypatch.setattr(builder_module, "build_engine", _fake_build)
+    monkeypatch.setattr(builder_module, "build_engine", fake_build_engine)
     monkeypatch.setattr(runner_module, "TensorRTRunner", EngineAsOnnx)
     return monkeypatch
 

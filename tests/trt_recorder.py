@@ -12,19 +12,32 @@ What this can show: which options sfedge asks Polygraphy for per release and pre
 code turns them into the expected TensorRT calls, and that sfedge's handling around it (errors, atomic writes,
 timing cache, calibration cache relabelling) works.  What it cannot show: that TensorRT accepts the network or
 builds a correct engine -- only a GPU can.
+
+Also here: the stand-ins tests put in place of the GPU probe, ``build_engine`` and ``TensorRTRunner`` when they
+drive everything else for real (``ORIN``, ``fake_build_engine``, ``EngineAsOnnx``, ``DriftingEngine``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import shutil
 import sys
+import time
 import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_fake_tensorrt", "installed_fake_tensorrt", "engine_record"]
+import numpy as np
+
+from sfedge.backends.onnxruntime.runner import OnnxRuntimeRunner
+from sfedge.backends.tensorrt.builder import EngineBuild
+from sfedge.backends.tensorrt.gpu import GpuInfo
+from sfedge.fileio import atomic_path
+
+__all__ = ["make_fake_tensorrt", "installed_fake_tensorrt", "engine_record", "ORIN", "fake_build_engine",
+           "EngineAsOnnx", "DriftingEngine"]
 
 
 def _enum(name: str, members: list[str]) -> type[enum.IntEnum]:
@@ -303,3 +316,31 @@ def installed_fake_tensorrt(version: str):  # type: ignore[no-untyped-def]
         else:
             sys.modules["tensorrt"] = saved
         _reset_polygraphy(fake)
+
+
+# -- stand-ins for the GPU probe, the engine builder and the runner (a Jetson Orin Nano with TensorRT 10.3) --------
+ORIN = GpuInfo(name="Orin", sm=87, memory_bytes=7 << 30, cuda_driver=12060, tensorrt="10.3.0.30",
+               jetson_model="NVIDIA Jetson Orin Nano Developer Kit", l4t="# R36 (release), REVISION: 4.0",
+               dla_cores=0, free_memory_bytes=5 << 30)
+
+
+def fake_build_engine(onnx_path, engine_path, *, precision, timing_cache=None, workspace_mb=1024, **_):
+    """build_engine's stand-in: the "engine" is the ONNX it was built from (EngineAsOnnx runs it)."""
+    t0 = time.perf_counter()
+    with atomic_path(engine_path) as tmp:
+        shutil.copyfile(onnx_path, tmp)
+    return EngineBuild(Path(engine_path), ORIN.tensorrt, precision, False, False, time.perf_counter() - t0,
+                       Path(engine_path).stat().st_size, None)
+
+
+class EngineAsOnnx(OnnxRuntimeRunner):
+    """TensorRTRunner's stand-in: runs that "engine" with ONNX Runtime."""
+
+    backend = "tensorrt"
+
+
+class DriftingEngine(EngineAsOnnx):
+    """An engine whose outputs are 0.01 off: what a wrong kernel or precision would look like."""
+
+    def _infer(self, feed):
+        return {k: v + np.float32(0.01) for k, v in super()._infer(feed).items()}

@@ -131,7 +131,9 @@ class TensorRTRunner(Runner):
 
     def _close(self) -> None:
         if self._runner is not None and self._runner.is_active:
-            self._runner.deactivate()
+            with polygraphy_session(BackendUnavailable, f"TensorRT could not release {self.path.name}",
+                                    "see TensorRT's log above"):
+                self._runner.deactivate()
         self._runner = self._engine = None
 
     def memory_info(self) -> dict[str, Any]:
