@@ -61,10 +61,10 @@ def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.Modu
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
 
-    flags = ["TF32", "DEBUG", "GPU_FALLBACK", "REFIT", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS",
-             "DIRECT_IO", "SPARSE_WEIGHTS", "DISABLE_TIMING_CACHE"]
-    if major < 11:  # "TensorRT 11.x removes all precision-enabling builder flags"
-        flags = ["FP16", "INT8", "BF16"] + flags
+    flags = ["TF32", "DEBUG", "GPU_FALLBACK", "REFIT", "SPARSE_WEIGHTS", "DISABLE_TIMING_CACHE"]
+    if major < 11:  # removed in 11 ("Removed Python APIs and Replacements", TensorRT 10.x -> 11.x migration guide)
+        flags = ["FP16", "INT8", "BF16", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS",
+                 "DIRECT_IO"] + flags
     trt.BuilderFlag = _enum("BuilderFlag", flags)  # type: ignore[attr-defined]
     creation = ["EXPLICIT_BATCH"] if major < 11 else []
     if major >= 10:
@@ -194,7 +194,8 @@ def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.Modu
             self.flags = {trt.BuilderFlag.TF32}  # TensorRT's default: TF32 on
             self.pools: dict[Any, int] = {}
             self.timing_cache: TimingCache | None = None
-            self.int8_calibrator: Any = None
+            if major < 11:  # IBuilderConfig.int8_calibrator: removed in 11
+                self.int8_calibrator: Any = None
             self.profiling_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
             self.DLA_core, self.default_device_type, self.num_optimization_profiles = -1, trt.DeviceType.GPU, 0
 
@@ -264,7 +265,7 @@ def make_fake_tensorrt(version: str, calls: list[tuple[Any, ...]]) -> types.Modu
             int8 = hasattr(trt.BuilderFlag, "INT8") and trt.BuilderFlag.INT8 in config.flags
             qdq = any(layer.type in (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE) for layer in network.layers)
             if int8 and not qdq:
-                calibrator = config.int8_calibrator
+                calibrator = getattr(config, "int8_calibrator", None)
                 cache = calibrator.read_calibration_cache() if calibrator is not None else None
                 if cache and not bytes(cache).startswith(f"TRT-{code}-".encode()):
                     calls.append(("calibration cache ignored", bytes(cache).decode().splitlines()[0]))
