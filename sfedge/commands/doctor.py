@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 import sfedge
 from sfedge.backends.registry import backend_info
 from sfedge.backends.tensorrt import builder, runner
 from sfedge.backends.tensorrt.gpu import DeviceReport, GpuInfo, probe_device
 from sfedge.backends.tensorrt.loaders import POLYGRAPHY_HINT, TENSORRT_HINT
-from sfedge.console import console, fmt_bytes, print_json, table
+from sfedge.console import console, fmt_bytes, print_json
 from sfedge.errors import SfedgeError
 from sfedge.parity import Parity, Tolerance, compare_outputs
 from sfedge.profile.stats import summarize
@@ -307,17 +308,29 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(diagnosis.as_dict())
         return diagnosis.exit_code
-    style = {OK: "[green]ok[/]", MISSING: "[yellow]missing[/]", BROKEN: "[red]broken[/]", INFO: "info"}
-    rows = [[c.name, style[c.status], escape(c.detail) + (f"\n[dim]fix: {escape(c.hint)}[/]" if c.hint else "")]
-            for c in diagnosis.checks]
-    console.print(table("sfedge doctor", ["check", "status", "found"], rows))
+    # Cells are rich Text, never markup: details quote pip extras ("sfedge[tensorrt]") and device strings.
+    style = {OK: "green", MISSING: "yellow", BROKEN: "bold red", INFO: ""}
+    checks = Table(title=Text("sfedge doctor"), header_style="bold", title_justify="left")
+    for column in ("check", "status", "found"):
+        checks.add_column(column)
+    for c in diagnosis.checks:
+        found = Text(c.detail)
+        if c.hint:
+            found.append(f"\nfix: {c.hint}", style="dim")
+        checks.add_row(Text(c.name), Text(c.status, style=style[c.status]), found)
+    console.print(checks)
     if diagnosis.targets:
-        console.print(table("targets: does this device match?", ["target", "backend", "wants", "matches", "why"],
-                            [[t["target"], t["backend"], t["wants"], "yes" if t["matches"] else "no", escape(t["why"])]
-                             for t in diagnosis.targets]))
-    summary = {"ok": "[green]OK[/]: the TensorRT path works on this device",
-               "nothing-to-check": "nothing to check here: no usable TensorRT on a CUDA GPU (see 'missing' above)",
-               "broken": "[red]BROKEN[/]: see the 'broken' lines above; `sfedge doctor --json` for an issue report"}
+        matches = Table(title=Text("targets: does this device match?"), header_style="bold", title_justify="left")
+        for column in ("target", "backend", "wants", "matches", "why"):
+            matches.add_column(column)
+        for t in diagnosis.targets:
+            matches.add_row(*(Text(str(v)) for v in (t["target"], t["backend"], t["wants"],
+                                                      "yes" if t["matches"] else "no", t["why"])))
+        console.print(matches)
+    summary = {"ok": Text("OK: the TensorRT path works on this device", style="green"),
+               "nothing-to-check": Text("nothing to check here: no usable TensorRT on a CUDA GPU (see 'missing' above)"),
+               "broken": Text("BROKEN: see the 'broken' lines above; `sfedge doctor --json` for an issue report",
+                              style="bold red")}
     console.print(summary[diagnosis.status])
     sys.stdout.flush()
     return diagnosis.exit_code
