@@ -30,6 +30,7 @@ VERBS = (
     ("compare", "sfedge.commands.compare", "merge profile reports from several devices into one table and figure"),
     ("sweep", "sfedge.commands.sweep", "factorize at several ranks, build, check, profile; Pareto front"),
     ("targets", "sfedge.commands.targets", "list the known targets and their device facts"),
+    ("doctor", "sfedge.commands.doctor", "first thing on a new device: GPU, TensorRT, a test engine, matching targets"),
     ("inspect", "sfedge.commands.inspect", "describe a model, checkpoint, .onnx, .tflite or bundle"),
     ("factorize", "sfedge.commands.factorize", "turn a checkpoint's convs into SFConv layers at a given s"),
     ("train", "sfedge.commands.train", "train a model on the fundus demo data (pseudo-labels)"),

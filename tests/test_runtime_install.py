@@ -9,6 +9,7 @@ and `sfedge profile` run there on a bundle built here.  The venv is cached in
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -81,3 +82,29 @@ def test_runtime_extra_has_no_torch_and_verifies_a_bundle(runtime_venv: Path, de
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "report").is_dir() and any((tmp_path / "report").glob("*.json"))
+
+
+def test_doctor_runs_in_the_runtime_install(runtime_venv: Path, tmp_path: Path) -> None:
+    """`sfedge doctor` on a device without torch: says what is missing, finds its self-test model in the wheel."""
+    py, sfedge = runtime_venv / "bin" / "python", runtime_venv / "bin" / "sfedge"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SFEDGE_TARGETS")}
+    p = subprocess.run([str(sfedge), "doctor", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    if report["status"] != "ok":  # here: no GPU, no TensorRT
+        assert report["status"] == "nothing-to-check" and checks["tensorrt"]["status"] == "missing"
+    assert checks["polygraphy"]["status"] == "ok" and "ONNX Runtime" in checks["onnxruntime"]["detail"]
+    # The wheel has no targets/ folder: the doctor says so and how to point it at one.
+    assert report["targets"] == [] and "SFEDGE_TARGETS" in checks["targets"]["hint"]
+    p = subprocess.run([str(sfedge), "doctor", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**env, "SFEDGE_TARGETS": str(ROOT / "targets")})
+    assert p.returncode == 0 and {t["target"] for t in json.loads(p.stdout)["targets"]} >= {"jetson-orin-nano", "host-cpu"}
+    # The self-test model and its reference outputs are package data: ONNX Runtime there reproduces the reference.
+    check = ("import numpy as np, onnxruntime as ort; from sfedge.commands import doctor as d; "
+             "ref = np.load(d.SELFTEST_REFERENCE); s = ort.InferenceSession(str(d.SELFTEST_ONNX)); "
+             "print(float(np.abs(s.run(None, {'input': ref['input']})[0] - ref['logits']).max()))")
+    p = subprocess.run([str(py), "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout) < 1e-4

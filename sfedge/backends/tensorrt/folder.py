@@ -4,7 +4,7 @@ The workstation writes the folder (:mod:`.make`); on the Jetson,
 :func:`build_from_folder` checks the device's TensorRT release and GPU,
 re-hashes the ONNX it builds from, and builds the engine through the engine
 cache (:mod:`.engine_cache`) with :func:`sfedge.backends.tensorrt.builder.build_engine`.
-Needs numpy and TensorRT's Python bindings only.
+Needs numpy, Polygraphy and TensorRT's Python bindings only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sfedge.artifact import Artifact, TensorSpec
-from sfedge.backends.tensorrt.builder import build_engine
+from sfedge.backends.tensorrt.builder import build_engine, build_options
 from sfedge.backends.tensorrt.engine_cache import EngineCache, engine_cache_key
 from sfedge.backends.tensorrt.gpu import GpuInfo, detect_gpu
 from sfedge.errors import BackendUnavailable, BundleError, ConfigError
@@ -39,7 +39,7 @@ def read_plan(folder: str | Path) -> dict[str, Any]:
     """The build.json of a device folder (BundleError when missing or not one)."""
     path = Path(folder) / PLAN_FILE
     try:
-        plan = json.loads(path.read_text())
+        plan: dict[str, Any] = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{folder} is not a TensorRT device folder ({PLAN_FILE}: {e})",
                           "give the folder `sfedge build` wrote for a Jetson target") from e
@@ -67,7 +67,7 @@ def build_from_folder(
     plan = read_plan(folder)
     gpu = gpu or detect_gpu()
     why = gpu.mismatch(plan["tensorrt"], plan["sm"]) if gpu is not None else "no CUDA GPU with TensorRT here"
-    if why is not None:
+    if gpu is None or gpu.tensorrt is None or why is not None:
         raise BackendUnavailable(f"cannot build the engine in {folder.name} on this machine: {why}",
                                  f"run it on a {plan['target']} device, or run {SCRIPT} there")
     step = plan.get("fallback") if use_fallback else plan
@@ -79,7 +79,8 @@ def build_from_folder(
             raise BundleError(f"{folder / name} does not match {PLAN_FILE}", "copy the whole folder again")
     shapes = {t["name"]: t["shape"] for t in plan["inputs"]}
     options = {"strongly_typed": plan["strongly_typed"], "workspace_mb": plan["workspace_mb"],
-               "implicit_int8_cache": plan["sha256"].get(cache_name) if cache_name else None, "tf32": False}
+               "implicit_int8_cache": plan["sha256"].get(cache_name) if cache_name else None,
+               "tf32": build_options(gpu.tensorrt, plan["precision"], plan["strongly_typed"]).tf32}
     key = engine_cache_key(onnx_sha256=plan["sha256"][onnx_name], tensorrt_version=gpu.tensorrt, gpu_name=gpu.name,
                            sm=gpu.sm, precision=plan["precision"], input_shapes=shapes, builder_options=options)
     cache = engine_cache or EngineCache()

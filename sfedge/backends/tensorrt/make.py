@@ -251,7 +251,7 @@ def _device_readme(plan: dict[str, Any], model: str, command: list[str]) -> str:
         "(builds the engine, checks it against the torch outputs the bundle carries, and records it in the "
         "bundle's manifest; needs `pip install 'sfedge[runtime]'` and JetPack's TensorRT, not torch)",
         "",
-        "or, with only numpy and TensorRT's Python bindings installed, from this folder:",
+        "or, with only numpy, Polygraphy and TensorRT's Python bindings installed, from this folder:",
         "",
         "    python3 -m sfedge.backends.tensorrt .",
         "",
