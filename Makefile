@@ -9,13 +9,14 @@ STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' 
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup demo test test-fast bench lint lint-imports clean help
+.PHONY: setup demo test test-fast test-e2e bench lint lint-imports clean help
 
 help:
 	@echo "make setup   create .venv and install sfedge with its build, runtime and dev extras"
 	@echo "make demo    train (or load) the demo U-Nets, build host-cpu and device bundles, profile"
 	@echo "make test    check the import rules, then run the test suite"
 	@echo "make test-fast  the tests not marked slow (seconds to a few minutes)"
+	@echo "make test-e2e   the second tier: your own models end to end (train, factorize, build, verify, profile)"
 	@echo "make bench   write the benchmark report to reports/bench/"
 	@echo "make lint    ruff and the import rules (lint-imports)"
 
@@ -38,7 +39,10 @@ test: setup lint-imports
 	$(PY) -m pytest -q
 
 test-fast: setup lint-imports
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+test-e2e: setup
+	$(PY) -m pytest -q -m e2e
 
 # The direction of dependencies (pyproject.toml [tool.importlinter]; README: Architecture).
 lint-imports: setup
