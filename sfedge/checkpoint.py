@@ -185,7 +185,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if ranks:
         factorize(model, ranks=ranks)
         model.sfedge_factorized = dict(ranks)  # type: ignore[assignment]
-    _load_state(model, state, f"checkpoint {path}",
+    _load_state(model, state, f"checkpoint {path} does not match its config for model '{meta['model']}'",
                 "the config JSON and the weights come from different models; re-save the checkpoint")
     model.eval()
     pre = json.loads(meta.get("preprocessing") or "null")
@@ -197,13 +197,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the first missing / unexpected / mismatched key."""
+    """``load_state_dict(strict=True)``; ``what`` (the one-line error) gets the first missing / unexpected / mismatched key."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise CheckpointError(f"{what} does not match the model: {lines[1] if len(lines) > 1 else lines[0]}"[:300],
-                              hint) from e
+        raise CheckpointError(f"{what}: {lines[1] if len(lines) > 1 else lines[0]}"[:300], hint) from e
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> str:
@@ -238,6 +237,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> str:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state_dict (name -> tensor)",
                               "save it with torch.save(model.state_dict(), path)")
-    _load_state(model, state, f"weights file {path}",
+    _load_state(model, state, f"weights file {path} does not match the model",
                 "check --config: the weights come from a model built with other arguments")
     return weights_sha256(state)

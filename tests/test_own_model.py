@@ -98,8 +98,9 @@ def test_factorize_table_lists_transposed_convs_as_kept_dense() -> None:
 
 
 def test_litert_rewrite_of_padded_transposed_convs_is_exact() -> None:
-    from sfedge.backends.tflite.rewrite import CroppedConvTranspose2d, rewrite_for_litert
     from test_own_model_helpers import upsampler
+
+    from sfedge.backends.tflite.rewrite import CroppedConvTranspose2d, rewrite_for_litert
 
     model = upsampler().eval()
     rewritten, notes = rewrite_for_litert(model, (1, 3, 64, 64))
@@ -213,8 +214,9 @@ def test_large_logit_model_passes_fp32_relative_and_the_manifest_says_the_task(t
 
 
 def test_python_api_builds_an_nn_module(tmp_path, targets, monkeypatch) -> None:
-    from sfedge.build import build_bundle
     from test_own_model_helpers import loud_net
+
+    from sfedge.build import build_bundle
 
     monkeypatch.setenv("SFEDGE_TARGETS", str(targets))
     result = build_bundle(loud_net(), "two-backends", out_dir=tmp_path, require=["onnxruntime", "tflite"])
