@@ -339,7 +339,8 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
     """Deterministic crops (with flips) of scikit-image's fundus photograph.
 
     Calibration crops come from the left half, held-out crops from the right
-    half, so the two splits share no pixels.  The photograph is used at
+    half, so the two splits share no pixels.  A 1-channel spec takes the green
+    channel (where fundus vessels have their contrast).  The photograph is used at
     ``scale`` (default: the demo's training scale) or larger when a crop would
     not fit in half the width.
     """
@@ -359,6 +360,8 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
             if not fov[y + hw[0] // 2, x + hw[1] // 2]:
                 continue
             im = image[y : y + hw[0], x : x + hw[1]]
+            if spec.preprocessing.channels == 1:
+                im = im[..., 1:2]
             if rng.random() < 0.5:
                 im = im[:, ::-1]
             if rng.random() < 0.5:

@@ -38,7 +38,7 @@ def complete_bundle(path: Path, *, force: bool = False, progress: Progress | Non
     engine = build_from_folder(folders[0].path, progress=progress)
     inputs, reference = bundle.reference()
     with TensorRTRunner(engine.path) as runner:
-        parity = measure(runner, inputs, reference)
+        parity = measure(runner, inputs, reference, bundle.task)
     engine.parity = gate(parity, bundle.tolerance, f"the TensorRT engine {engine.path.name}", cleanup=[engine.path])
     manifest = dict(bundle.manifest)
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["kind"] != "engine"] + [engine.as_dict(base=bundle.path)]
@@ -48,4 +48,4 @@ def complete_bundle(path: Path, *, force: bool = False, progress: Progress | Non
     write_json(bundle.path / MANIFEST, manifest)
     return {"bundle": str(path), "engine": str(engine.path), "built": True, "parity": parity.as_dict(),
             "message": f"{path}: built {engine.path.name} with TensorRT {engine.meta.get('tensorrt')} on "
-                       f"{engine.meta.get('gpu')}; max abs {parity.max_abs:.3g}, mask Dice {parity.dice_agreement:.4f}"}
+                       f"{engine.meta.get('gpu')}; {parity.summary()}"}

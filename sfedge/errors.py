@@ -7,6 +7,9 @@ optional ``hint`` appended to the message.
 
 from __future__ import annotations
 
+# `sfedge build` wrote a bundle without some backend's artifact (its manifest lists the failures).
+EXIT_PARTIAL = 4
+
 
 class SfedgeError(Exception):
     """Base of every error sfedge raises on purpose (exit code 2 in the CLI)."""

@@ -231,7 +231,9 @@ def test_make_int8_writes_qdq_onnx_and_calibration_cache(unet_stem, small_calibr
     assert set(ranges) == {t for n in fp32.graph.node for t in [*n.input, *n.output] if t and t not in inits}
     assert "--calib=calibration.cache" in plan["fallback"]["trtexec"]
     assert "# sed -i" in (artifact.path / "build_engine.sh").read_text()  # relabels the cache for the device
-    assert artifact.parity.dice_agreement >= 0.5
+    # 64x64 crops may hold too few vessel pixels to judge masks: then the gate judged cosine (fallback_cosine).
+    assert artifact.parity.dice_agreement is None or artifact.parity.dice_agreement >= 0.5
+    assert artifact.parity.cosine > 0.9
 
 
 def test_make_refuses_a_target_without_tensorrt(unet, small_calibration, tmp_path) -> None:

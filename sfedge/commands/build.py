@@ -7,15 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from sfedge.bundle import is_bundle
+from sfedge.commands.model_options import MODEL_HELP, add_model_options, model_options
 from sfedge.console import console, err_console, fmt_bytes, print_json, progress_bar, table
 from sfedge.device_build import complete_bundle
-from sfedge.errors import SfedgeError
+from sfedge.errors import EXIT_PARTIAL, SfedgeError
+from sfedge.parity import parse_tolerance_overrides
+from sfedge.progress import scaled
 from sfedge.targets import DEFAULT_TARGET, list_targets, load_target
 
 EPILOG = """examples:
   sfedge build .cache/demo/unet-sfconv-*.safetensors --target host-cpu --precision int8
   sfedge build ckpt.safetensors --target jetson-orin-nano --target android-arm64 -o bundles/
   sfedge build ckpt.safetensors --all-targets --precision int8
+  sfedge build monai.networks.nets:BasicUNet --config basicunet.json --weights model.pt --task binary
+  sfedge build net.py:make_net --config '{"classes": 3}' --weights net.pt --calibration my-scans.toml
+  sfedge build model.pt2 --target android-arm64                 (a torch.export program, no code needed)
   sfedge build unet-sfconv --target my-board.toml          (registry name: untrained weights)
   sfedge build bundles/unet__jetson-orin-nano__int8        (on the Jetson: build the engine into the bundle)
   sfedge build ckpt.safetensors --target raspberry-pi-5 --verify-on pi@raspberrypi
@@ -23,13 +29,18 @@ EPILOG = """examples:
 
 A bundle whose inputs (weights, target, precision, calibration set, toolchain) are
 unchanged is not rebuilt; --force rebuilds it.  A failed or interrupted build leaves
-no bundle folder behind."""
+no bundle folder behind.  On a target with several backends each artifact builds on its
+own: one that fails is recorded in the manifest and the others are kept.
+
+Exit status: 0 every bundle complete; 2 an error (nothing written for that build);
+4 partial: a bundle was written without some backend's artifact (see "failures" in its
+manifest); --require BACKEND makes such a failure an error instead."""
 
 
 def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(verb, help=help_text, description=help_text, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint (.safetensors), registry model name, or a bundle folder to complete on the device")
+    p.add_argument("model", help=MODEL_HELP + "; or a bundle folder to complete on the device")
     p.add_argument("-t", "--target", action="append", default=[], help="target name or .toml path (repeatable; default host-cpu)")
     p.add_argument("--all-targets", action="store_true", help="build for every known target")
     p.add_argument("-p", "--precision", action="append", default=[],
@@ -37,8 +48,14 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("-c", "--calibration", default="fundus-demo", help="calibration set name or spec path (default fundus-demo)")
     p.add_argument("-o", "--out", default="bundles", help="folder to write bundles into (default ./bundles)")
     p.add_argument("--force", action="store_true", help="rebuild even when the bundle is up to date")
+    p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the target's parity tolerance for this build (repeatable; recorded in "
+                        "the manifest): max_abs, relative_max_abs, cosine, dice_agreement, fallback_cosine, psnr")
+    p.add_argument("--require", action="append", default=[], metavar="BACKEND",
+                   help="fail the build if this backend's artifact fails (repeatable; default: keep the others)")
     p.add_argument("--dry-run", action="store_true", help="list the (target, precision) builds and stop")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_model_options(p)
     r = p.add_argument_group("parity on the device (plain ssh/scp, as `sfedge profile --remote`)")
     r.add_argument("--verify-on", action="append", default=[], metavar="USER@HOST",
                    help="before a bundle exists, run `sfedge verify` on this device and record its parity in the "
@@ -78,17 +95,15 @@ def run(args: argparse.Namespace) -> int:
     from sfedge.build import build_bundle
 
     verify_on = _verify_on(args)
-
+    overrides = parse_tolerance_overrides(args.tolerance)
+    options = model_options(args)
     with progress_bar("build", total=len(jobs), enabled=not args.json) as bar:
         for i, (t, p) in enumerate(jobs):
-            label = f"{t.name} {p}"
-
-            def sub(message: str, fraction: float | None = None, i: int = i, label: str = label) -> None:
-                bar(f"{label}: {message}", None if fraction is None else (i + fraction) / len(jobs))
-
+            sub = scaled(bar, i / len(jobs), 1 / len(jobs), f"{t.name} {p}")
             try:
                 results.append(build_bundle(args.model, t, p, calibration=args.calibration, out_dir=Path(args.out),
-                                            force=args.force, progress=sub, verify_on=verify_on))
+                                            force=args.force, progress=sub, verify_on=verify_on,
+                                            tolerances=overrides, require=args.require, **options))
             except SfedgeError as e:
                 if single:
                     raise
@@ -98,14 +113,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(bundles_table("bundles", results))
         for r in results:
+            for n in r.bundle.manifest["model"].get("notes", []):
+                console.print(f"[dim]{r.path.name}:[/] {n}")
             for a in r.bundle.manifest["artifacts"]:
                 for n in a.get("notes", []):
                     console.print(f"[dim]{r.path.name} ({a['backend']}):[/] {n}")
+            for f in r.failures:
+                err_console.print(f"[yellow]partial[/] {r.path.name}: {f['backend']} not built: {f['error']}")
             if r.cached:
                 console.print(f"{r.path}: up to date, nothing rebuilt (use --force to rebuild)")
         for f in failures:
             err_console.print(f"[red]failed[/] {f['target']} {f['precision']}: {f['error']}")
-    return 2 if failures else 0
+    if failures:
+        return 2
+    return EXIT_PARTIAL if any(r.partial for r in results) else 0
 
 
 def bundles_table(title: str, results: list) -> Any:

@@ -27,6 +27,7 @@ from sfedge.backends.tflite.convert import cast_weights_fp16, convert_float, tfl
 from sfedge.backends.tflite.fp16 import FP16_INFERENCE, FP16_NOTE, mark_fp16_inference
 from sfedge.backends.tflite.ops import op_report
 from sfedge.backends.tflite.quantize import NMF_SCOPE, LayerNamer, module_call_order, quantize_tflite, scope_layers
+from sfedge.backends.tflite.rewrite import rewrite_notes
 from sfedge.backends.tflite.runner import TFLiteRunner
 from sfedge.calibration import CalibrationSet
 from sfedge.errors import UnknownNameError
@@ -54,12 +55,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def tflite_scorer(threads: int | None, layout: str, runtime: str | None = None) -> Scorer:
-    """A scorer that runs a .tflite with the target's threads and layout and compares it with a reference."""
+def tflite_scorer(threads: int | None, layout: str, runtime: str | None = None, task: str = "binary") -> Scorer:
+    """A scorer that runs a .tflite with the target's threads and layout and judges it for ``task``."""
 
     def score(path: Path, inputs: np.ndarray, reference: np.ndarray) -> Parity:
         with TFLiteRunner(path, threads=threads, layout=layout, runtime=runtime) as runner:
-            return measure(runner, inputs, reference)
+            return measure(runner, inputs, reference, task)
 
     return score
 
@@ -109,9 +110,10 @@ def make(
     namer = LayerNamer(module_call_order(source.model, source.input_shape))
     keep_float = [NMF_SCOPE] if any(isinstance(m, NMF) for m in source.model.modules()) else []
     notes: list[str] = []
-    score = tflite_scorer(target.threads, layout, runtime)
+    score = tflite_scorer(target.threads, layout, runtime, source.task)
     holdout = (calibration.holdout, source.reference(calibration.holdout))
 
+    notes.extend(rewrite_notes(source.model))
     float_path = float_tflite(source, layout, workdir, progress=progress)
     tell(progress, "checking the fp32 conversion against torch")
     fp32_parity = gate(score(float_path, *holdout), target.tolerance("fp32"),
