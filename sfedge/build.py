@@ -27,11 +27,12 @@ from sfedge import __version__
 from sfedge.backends import backend_module
 from sfedge.backends.base import Artifact, ModelSource
 from sfedge.bundle import MANIFEST, SCHEMA, Bundle, check_files, hash_files, load_bundle
-from sfedge.calibration import CalibrationSet, load_calibration
+from sfedge.calibration import CalibrationSet, holdout_image, load_calibration
 from sfedge.console import ProgressFn
 from sfedge.errors import CalibrationError, CheckpointError, ConfigError
 from sfedge.fileio import atomic_dir, sha256_bytes, write_json, write_text
 from sfedge.targets import BACKEND_PRECISIONS, Target, load_target
+from sfedge.whole_image import WHOLE_IMAGE_TILING, readme_section, store_whole_image
 
 __all__ = ["BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name"]
 
@@ -103,7 +104,8 @@ def _family(name: str) -> str:
 def _build_key(source: ModelSource, target: Target, precision: str, calib: CalibrationSet, tools: dict[str, str]) -> str:
     t = target.as_dict()
     t.pop("path", None)
-    payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256, "tools": tools}
+    payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256, "tools": tools,
+               "whole_image": WHOLE_IMAGE_TILING.as_dict()}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
 
 
@@ -167,9 +169,15 @@ def build_bundle(
         say("writing manifest", 0.95)
         np.save(tmp / "holdout_inputs.npy", hold_in)
         np.save(tmp / "holdout_reference.npy", hold_ref)
+        from sfedge.models.tiled import torch_predictor  # whole-image reference: the torch model, tiled
+
+        image, where = holdout_image(calib)
+        whole = store_whole_image(tmp, image, calib.spec.preprocessing, source.input_shape[2:],
+                                  torch_predictor(source.model), where)
         manifest = _manifest(ckpt, source, tgt, prec, calib, tools, key, artifacts, tmp, count_params(ckpt.model),
                              count_macs(ckpt.model, source.input_shape))
-        write_text(tmp / "README.md", _readme(manifest))
+        manifest["whole_image"] = whole
+        write_text(tmp / "README.md", _readme(manifest) + readme_section(manifest))
         manifest["files"] = hash_files(tmp)
         for a in manifest["artifacts"]:
             info = manifest["files"].get(a["path"])

@@ -64,3 +64,7 @@ class BundleError(SfedgeError):
 
 class RemoteError(SfedgeError):
     """Copying to or running on a remote device failed."""
+
+
+class ImageError(SfedgeError):
+    """An input image is missing, unreadable, or does not fit the model (channel count)."""
