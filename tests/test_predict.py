@@ -83,22 +83,24 @@ def test_predict_writes_masks_and_logits_that_match_torch_tiled(sfedge_cli, bund
 
 
 def test_scale_runs_at_the_model_resolution_and_returns_the_image_size(bundles, strip, tmp_path) -> None:
+    """--scale 0.5 on a doubled image = predicting the image resized to half, then logits resized back."""
     from PIL import Image
 
     from sfedge.bundle import load_bundle
+    from sfedge.images import resize
     from sfedge.predict import bundle_tiling, predict_files
 
     big = np.asarray(Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.Resampling.BILINEAR))
     Image.fromarray(big).save(tmp_path / "big.png")
-    Image.fromarray(strip).save(tmp_path / "small.png")
+    Image.fromarray(resize(big, strip.shape[:2])).save(tmp_path / "half.png")
     b = load_bundle(bundles["ort"])
-    [at_half] = predict_files(b, [tmp_path / "big.png"], tmp_path / "a", tiling=bundle_tiling(b), scale=0.5)
-    [native] = predict_files(b, [tmp_path / "small.png"], tmp_path / "b", tiling=bundle_tiling(b))
-    assert at_half.shape == [1, *big.shape[:2]] and native.shape == [1, *strip.shape[:2]]
-    m_half = np.asarray(Image.open(at_half.mask))[::2, ::2] > 0
-    m_native = np.asarray(Image.open(native.mask)) > 0
-    dice = 2 * (m_half & m_native).sum() / (m_half.sum() + m_native.sum())
-    assert dice > 0.8, "predicting the doubled image at --scale 0.5 finds the same vessels"
+    [scaled] = predict_files(b, [tmp_path / "big.png"], tmp_path / "a", tiling=bundle_tiling(b), scale=0.5)
+    [half] = predict_files(b, [tmp_path / "half.png"], tmp_path / "b", tiling=bundle_tiling(b))
+    assert scaled.shape == [1, *big.shape[:2]] and half.shape == [1, *strip.shape[:2]]
+    assert half.windows == scaled.windows, "the model ran at the reduced size"
+    up = resize(np.load(half.logits)[0][..., None], big.shape[:2])[..., 0]
+    np.testing.assert_allclose(np.load(scaled.logits)[0], up, atol=1e-5)
+    assert np.asarray(Image.open(scaled.mask)).shape == big.shape[:2]
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable", "channels", "no-runnable-artifact", "same-stem"])
