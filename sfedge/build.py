@@ -35,18 +35,20 @@ from sfedge.artifact import Artifact
 from sfedge.backends.maker import maker
 from sfedge.backends.registry import BACKENDS
 from sfedge.bundle import MANIFEST, SCHEMA, Bundle, check_files, hash_files, load_bundle
-from sfedge.calibration import CalibrationSet, load_calibration
+from sfedge.calibration import CalibrationSet, holdout_image, load_calibration
 from sfedge.checkpoint import Checkpoint, save_checkpoint
 from sfedge.errors import CalibrationError, CheckpointError, ConfigError, SfedgeError
 from sfedge.fileio import atomic_dir, sha256_bytes, write_json, write_text
 from sfedge.models import create_model, input_shape, list_models, model_entry
 from sfedge.models.specs import weights_sha256
+from sfedge.models.tiled import torch_predictor
 from sfedge.nn import count_macs, count_params, factorize, fold
 from sfedge.parity import Parity, tolerance_for
 from sfedge.progress import Progress, scaled
 from sfedge.source import ModelSource, resolve_model
 from sfedge.targets import Target, load_target
 from sfedge.verify_on import VerifyOn
+from sfedge.whole_image import WHOLE_IMAGE_TILING, readme_section, store_whole_image
 
 __all__ = ["BuildResult", "build_bundle", "checkpoint_of", "factorize_checkpoint", "toolchain_versions", "bundle_name"]
 
@@ -131,7 +133,7 @@ def _build_key(source: ModelSource, target: Target, precision: str, calib: Calib
     t = target.as_dict()
     t.pop("path", None)
     payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256,
-               "tools": tools, "options": options}
+               "tools": tools, "options": options, "whole_image": WHOLE_IMAGE_TILING.as_dict()}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
 
 
@@ -232,11 +234,15 @@ def build_bundle(
         say("writing manifest", 0.95)
         np.save(tmp / "holdout_inputs.npy", hold_in)
         np.save(tmp / "holdout_reference.npy", hold_ref)
+        image, where = holdout_image(calib)  # the whole-image reference: the torch model, tiled
+        whole = store_whole_image(tmp, image, calib.spec.preprocessing, source.input_shape[2:],
+                                  torch_predictor(source.model), where)
         manifest = _manifest(ckpt, source, tgt, prec, calib, tools, key, artifacts, tmp, count_params(source.model),
                              count_macs(source.model, source.input_shape))
         manifest["failures"] = failures
         manifest["tolerance_overrides"] = dict(tolerances or {})
-        write_text(tmp / "README.md", _readme(manifest))
+        manifest["whole_image"] = whole
+        write_text(tmp / "README.md", _readme(manifest) + readme_section(manifest))
         manifest["files"] = hash_files(tmp)
         for a in manifest["artifacts"]:
             info = manifest["files"].get(a["path"])

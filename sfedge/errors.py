@@ -80,3 +80,7 @@ EXTRAS = {
 def install_hint(extra: str) -> str:
     """The one-line hint for a missing optional dependency: which extra to install, and what it is for."""
     return f"pip install 'sfedge[{extra}]' ({EXTRAS[extra]})"
+
+
+class ImageError(SfedgeError):
+    """An input image is missing, unreadable, or does not fit the model (channel count)."""

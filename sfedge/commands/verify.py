@@ -10,6 +10,7 @@ from sfedge.verify import verify_bundle
 EPILOG = """examples:
   sfedge verify bundles/unet-sfconv__host-cpu__int8
   sfedge verify . --json                 (inside a bundle copied to the device)
+  sfedge verify . --whole-image          also run each artifact tiled over the stored whole held-out image
 
 Exit status: 0 when every file matches the manifest and every runnable artifact meets
 the target's tolerance; 1 otherwise (changed or missing files are named)."""
@@ -21,6 +22,8 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("bundle", nargs="+", help="bundle folder(s)")
     p.add_argument("--backend", help="check only this backend's artifact")
     p.add_argument("--threads", type=int, help="runtime threads (default: the target's)")
+    p.add_argument("--whole-image", action="store_true", help="also check each artifact, tiled as `sfedge predict` runs "
+                   "it, on the bundle's whole held-out image against the torch model's tiled output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
     return p
@@ -28,6 +31,11 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
 
 def run(args: argparse.Namespace) -> int:
     reports = [verify_bundle(b, backend=args.backend, threads=args.threads) for b in args.bundle]
+    if args.whole_image:
+        from sfedge.whole_image import check_whole_image
+
+        for r in reports:
+            r.artifacts += check_whole_image(r.bundle, backend=args.backend, threads=args.threads)
     if args.json:
         print_json([r.as_dict() for r in reports] if len(reports) > 1 else reports[0].as_dict())
         return 0 if all(r.passed for r in reports) else 1

@@ -86,28 +86,30 @@ def load_fundus(scale: float = DEMO_SCALE) -> FundusDemo:
 
 
 def random_crops(
-    demo: FundusDemo, count: int, size: int, rng: np.random.Generator, region: str = "train", flips: bool = True,
-    with_fov: bool = False,
+    demo: FundusDemo, count: int, size: int | tuple[int, int], rng: np.random.Generator, region: str = "train",
+    flips: bool = True, with_fov: bool = False,
 ) -> tuple[np.ndarray, ...]:
-    """``count`` random (image, mask) crops of ``size`` from the train or held-out region.
+    """``count`` random (image, mask) crops of ``size`` (square, or (H, W) for fixed-size models) from the train
+    or held-out region.
 
     Crops are centred inside the field of view so few are all background.
-    Returns uint8 images (N, size, size, 3) and float32 masks (N, size, size),
-    and with ``with_fov`` the field-of-view crops (N, size, size) as well.
+    Returns uint8 images (N, ch, cw, 3) and float32 masks (N, ch, cw), and with
+    ``with_fov`` the field-of-view crops (N, ch, cw) as well.
     """
+    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     h, w = demo.vessels.shape
     x0, x1 = (0, demo.split_column) if region == "train" else (demo.split_column, w)
-    if x1 - x0 < size or h < size:
-        raise ValueError(f"region {region} ({x1 - x0}x{h}) is smaller than the crop size {size}")
+    if x1 - x0 < cw or h < ch:
+        raise ValueError(f"region {region} ({x1 - x0}x{h}) is smaller than the crop size {ch}x{cw}")
     imgs, masks, fovs = [], [], []
     while len(imgs) < count:
-        y = int(rng.integers(0, h - size + 1))
-        x = int(rng.integers(x0, x1 - size + 1))
-        if demo.fov[y + size // 2, x + size // 2] == 0:
+        y = int(rng.integers(0, h - ch + 1))
+        x = int(rng.integers(x0, x1 - cw + 1))
+        if demo.fov[y + ch // 2, x + cw // 2] == 0:
             continue
-        im = demo.image[y : y + size, x : x + size]
-        m = demo.vessels[y : y + size, x : x + size]
-        f = demo.fov[y : y + size, x : x + size]
+        im = demo.image[y : y + ch, x : x + cw]
+        m = demo.vessels[y : y + ch, x : x + cw]
+        f = demo.fov[y : y + ch, x : x + cw]
         if flips:
             if rng.random() < 0.5:
                 im, m, f = im[:, ::-1], m[:, ::-1], f[:, ::-1]
