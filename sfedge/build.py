@@ -235,8 +235,12 @@ def build_bundle(
         np.save(tmp / "holdout_inputs.npy", hold_in)
         np.save(tmp / "holdout_reference.npy", hold_ref)
         image, where = holdout_image(calib)  # the whole-image reference: the torch model, tiled
-        whole = store_whole_image(tmp, image, calib.spec.preprocessing, source.input_shape[2:],
-                                  torch_predictor(source.model), where)
+        try:
+            whole = store_whole_image(tmp, image, calib.spec.preprocessing, source.input_shape[2:],
+                                      torch_predictor(source.model), where)
+        except ConfigError as e:  # a model that cannot be tiled still gets its bundle, without whole-image checks
+            whole = None
+            say(f"no whole-image reference: {e}", None)
         manifest = _manifest(ckpt, source, tgt, prec, calib, tools, key, artifacts, tmp, count_params(source.model),
                              count_macs(source.model, source.input_shape))
         manifest["failures"] = failures

@@ -54,7 +54,7 @@ class WithDeterminant(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.conv(x))
-        scale = torch.linalg.det(y[:, :2, :2, :2]).view(-1, 1, 1, 1)
+        scale = torch.linalg.det(y[:, 0, :2, :2]).view(-1, 1, 1, 1)
         return self.head(y) + 0.0 * scale
 
 
