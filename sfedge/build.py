@@ -12,6 +12,8 @@ changed is not rebuilt.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -27,18 +29,22 @@ from sfedge import __version__
 from sfedge.artifact import Artifact
 from sfedge.backends.maker import maker
 from sfedge.backends.registry import BACKENDS
-from sfedge.bundle import MANIFEST, SCHEMA, Bundle, check_files, hash_files, load_bundle
+from sfedge.bundle import MANIFEST, SCHEMA, SIGNATURE, Bundle, check_files, hash_files, load_bundle
 from sfedge.calibration import CalibrationSet, load_calibration
 from sfedge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_sha256
-from sfedge.errors import CalibrationError, CheckpointError, ConfigError
-from sfedge.fileio import atomic_dir, sha256_bytes, write_json, write_text
+from sfedge.errors import CalibrationError, CheckpointError, ConfigError, OutputFolderError, SfedgeError
+from sfedge.fileio import atomic_dir, atomic_path, locked, sha256_bytes, write_json, write_text
 from sfedge.models import create_model, input_shape, list_models, model_entry
 from sfedge.nn import count_macs, count_params, factorize, fold
 from sfedge.progress import Progress, scaled
+from sfedge.signing import sign_bytes
 from sfedge.source import ModelSource
 from sfedge.targets import Target, load_target
 
-__all__ = ["BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name"]
+__all__ = [
+    "BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name",
+    "sfedge_code_sha256",
+]
 
 TOOLCHAIN_PACKAGES = (
     "torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "litert-torch", "ai-edge-quantizer", "ai-edge-litert",
@@ -105,8 +111,29 @@ def _family(name: str) -> str:
 def _build_key(source: ModelSource, target: Target, precision: str, calib: CalibrationSet, tools: dict[str, str]) -> str:
     t = target.as_dict()
     t.pop("path", None)
-    payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256, "tools": tools}
+    payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256, "tools": tools,
+               "code": sfedge_code_sha256()}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
+
+
+@functools.cache
+def sfedge_code_sha256() -> str:
+    """sha256 over sfedge's own source: every .py file of the package and the target and calibration TOMLs it ships.
+
+    Why in the build key: the version string does not change when the code
+    that exports, quantizes or gates does, and a bundle built by other code
+    is not "up to date".  Computed once per process (a few ms).
+    """
+    package = Path(__file__).resolve().parent
+    files = sorted(package.rglob("*.py")) + sorted(package.rglob("*.toml"))
+    for folder in (package.parent / "targets", package.parent / "calibration"):  # a source checkout's built-ins
+        if folder.is_dir():
+            files += sorted(folder.glob("*.toml"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(package.parent).as_posix().encode() + b"\0")
+        h.update(f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def build_bundle(
@@ -118,11 +145,15 @@ def build_bundle(
     out_dir: str | os.PathLike[str] = "bundles",
     force: bool = False,
     progress: Progress | None = None,
+    sign: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle for (model, target, precision) under ``out_dir``.
 
     Errors (unknown target or precision, corrupt checkpoint, bad calibration
-    set, parity failure) leave no bundle folder behind.
+    set, parity failure) leave no bundle folder behind.  ``sign``: an SSH key
+    that signs the manifest (``manifest.json.sig``, :mod:`sfedge.signing`).
+    Concurrent builds of one bundle wait for each other; the cache is used
+    only when the existing bundle verifies in full (files and manifest).
     """
     start = time.perf_counter()
     say = progress or (lambda message, fraction=None: None)
@@ -148,14 +179,36 @@ def build_bundle(
     tools = toolchain_versions()
     key = _build_key(source, tgt, prec, calib, tools)
     dest = Path(out_dir) / bundle_name(ckpt, tgt, prec)
-    if not force and (dest / MANIFEST).is_file():
-        try:
-            existing = load_bundle(dest)
-            if existing.manifest.get("build_key") == key and check_files(existing).passed:
-                say("up to date", 1.0)
-                return BuildResult(dest, True, existing, time.perf_counter() - start)
-        except Exception:  # an unreadable old bundle is simply rebuilt
-            pass
+    with locked(dest):  # a second build of the same bundle waits here, then finds it up to date
+        cached = None if force else _up_to_date(dest, key, sign)
+        if cached is not None:
+            say("up to date", 1.0)
+            return BuildResult(dest, True, cached, time.perf_counter() - start)
+        if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir()
+                                      or (not (dest / MANIFEST).is_file() and any(dest.iterdir()))):
+            # Only a bundle (a folder with a manifest) is ever replaced: never a folder of the user's own files.
+            raise OutputFolderError(f"{dest} exists and is not a bundle", "move it away or choose another -o")
+        return _build(ckpt, source, tgt, prec, calib, tools, key, backends, dest, sign, say, start)
+
+
+def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None) -> Bundle | None:
+    """The existing bundle at ``dest`` if it was built from ``key`` and still verifies in full (files and manifest)."""
+    if not (dest / MANIFEST).is_file():
+        return None
+    try:
+        existing = load_bundle(dest)
+    except SfedgeError:  # an unreadable or malformed old bundle is simply rebuilt
+        return None
+    if existing.manifest.get("build_key") != key or not check_files(existing).passed:
+        return None
+    if sign is not None and not (dest / SIGNATURE).is_file():
+        return None  # asked for a signed bundle: sign it (rebuild) rather than hand back an unsigned one
+    return existing
+
+
+def _build(ckpt: Checkpoint, source: ModelSource, tgt: Target, prec: str, calib: CalibrationSet, tools: dict[str, str],
+           key: str, backends: list[str], dest: Path, sign: str | os.PathLike[str] | None, say: Progress,
+           start: float) -> BuildResult:
     hold_in = calib.holdout
     hold_ref = source.reference(hold_in)
     with atomic_dir(dest) as tmp:
@@ -175,6 +228,11 @@ def build_bundle(
             info = manifest["files"].get(a["path"])
             a["sha256"], a["size"] = (info["sha256"], info["size"]) if info else (None, _dir_size(tmp / a["path"]))
         write_json(tmp / MANIFEST, manifest)
+        if sign is not None:
+            say("signing the manifest", 0.98)
+            signature = sign_bytes((tmp / MANIFEST).read_bytes(), sign)
+            with atomic_path(tmp / SIGNATURE) as sig:
+                sig.write_bytes(signature)
     say("done", 1.0)
     return BuildResult(dest, False, load_bundle(dest), time.perf_counter() - start)
 

@@ -19,9 +19,16 @@ EPILOG = """examples:
   sfedge build unet-sfconv --target my-board.toml          (registry name: untrained weights)
   sfedge build bundles/unet__jetson-orin-nano__int8        (on the Jetson: build the engine into the bundle)
 
-A bundle whose inputs (weights, target, precision, calibration set, toolchain) are
-unchanged is not rebuilt; --force rebuilds it.  A failed or interrupted build leaves
-no bundle folder behind."""
+A bundle whose inputs (weights, target, precision, calibration set, toolchain, sfedge's
+own code) are unchanged and whose files all still verify is not rebuilt; --force
+rebuilds it.  A failed or interrupted build leaves no bundle folder behind, two builds
+of one bundle wait for each other, and only a bundle folder is ever replaced.
+
+Signing: --sign ~/.ssh/id_ed25519 writes manifest.json.sig (an SSH signature of the
+manifest, which hashes every file); `sfedge verify --allowed-signers FILE` checks it.
+On the device, `sfedge build <bundle>` verifies the bundle first (files, manifest,
+and the signature with --allowed-signers or a target that requires one) and refuses
+a changed one."""
 
 
 def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argparse.ArgumentParser:
@@ -35,6 +42,13 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("-c", "--calibration", default="fundus-demo", help="calibration set name or spec path (default fundus-demo)")
     p.add_argument("-o", "--out", default="bundles", help="folder to write bundles into (default ./bundles)")
     p.add_argument("--force", action="store_true", help="rebuild even when the bundle is up to date")
+    p.add_argument("--sign", metavar="KEY",
+                   help="sign the manifest with this SSH key (private key, or KEY.pub held by ssh-agent)")
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="on the device: require the bundle to be signed by a key in this allowed_signers file")
+    p.add_argument("--require-signature", action="store_true",
+                   help="on the device: refuse unsigned bundles (signers from --allowed-signers, "
+                        "$SFEDGE_ALLOWED_SIGNERS or the target)")
     p.add_argument("--dry-run", action="store_true", help="list the (target, precision) builds and stop")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 results.append(build_bundle(args.model, t, p, calibration=args.calibration, out_dir=Path(args.out),
-                                            force=args.force, progress=sub))
+                                            force=args.force, progress=sub, sign=args.sign))
             except SfedgeError as e:
                 if single:
                     raise
@@ -112,7 +126,9 @@ def bundles_table(title: str, results: list) -> Any:
 def _complete_on_device(args: argparse.Namespace) -> int:
     """A TensorRT bundle built off-device: build its engine here (needs TensorRT and a GPU)."""
     with progress_bar("engine", enabled=not args.json) as bar:
-        result = complete_bundle(Path(args.model), force=args.force, progress=bar)
+        result = complete_bundle(Path(args.model), force=args.force, progress=bar,
+                                 allowed_signers=args.allowed_signers, require_signature=args.require_signature,
+                                 sign=args.sign)
     if args.json:
         print_json(result)
     else:

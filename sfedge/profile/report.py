@@ -29,9 +29,10 @@ from sfedge.profile.stats import CV_WARNING
 from sfedge.profile.tables import markdown_page, markdown_table, pair_rows, summary_rows, write_csv
 from sfedge.profile.types import MeasureConfig, Measurement, Pairing
 
-__all__ = ["SCHEMA", "REPORT_JSON", "Report", "host_info", "load_report"]
+__all__ = ["SCHEMA", "REPORT_JSON", "OUTPUT_KIND", "Report", "host_info", "load_report"]
 
 SCHEMA = "sfedge-profile/1"
+OUTPUT_KIND = "profile"  # the -o marker (sfedge.fileio.check_output_dir)
 REPORT_JSON = "report.json"
 MIB = 1024 * 1024
 
@@ -99,9 +100,13 @@ class Report:
 
     # -- writing ---------------------------------------------------------------------
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> list[Path]:
-        """Write the report folder (replacing an older one only once the new one is complete); returns its files."""
+        """Write the report folder (replacing an older one only once the new one is complete); returns its files.
+
+        An existing folder is replaced only when it is an earlier profile report
+        (it carries sfedge's marker); any other non-empty folder is refused.
+        """
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, kind=OUTPUT_KIND) as tmp:
             if plots:  # first, so a "no matplotlib" note reaches every file
                 note = write_report_plots(self.device, self.measurements, self.pair_rows(), tmp)
                 if note and note not in self.notes:
