@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: an error names paths and names from untrusted bundles, and a
+    newline in one must not split the one-line error (or forge a second line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 _TERMINATED: list[int] = []
 
 
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except SfedgeError as e:
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        print(f"sfedge {args.verb}: error: {e}", file=sys.stderr)
+        print(f"sfedge {args.verb}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         how = "terminated" if _TERMINATED else "interrupted"
