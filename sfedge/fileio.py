@@ -11,7 +11,8 @@ bundle folder) that looks whole.  On top of that:
   macOS), so readers see the old folder or the new one, never none; only
   where the OS has neither is the old two-rename replace used;
 - **serialized**: writers of one destination take a lock file beside it
-  (``.<name>.lock``, fcntl), so concurrent runs wait for each other;
+  (``.<name>.lock``, fcntl; removed by its last holder), so concurrent runs
+  wait for each other;
 - **self-cleaning**: each ``.part`` temporary is locked by the process writing
   it, and the next writer of the same destination removes ``.part`` siblings
   whose lock it can take (left by kill -9 or a power cut);
@@ -126,20 +127,34 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
     with held.rlock:
         if held.count == 0 and fcntl is not None:
             _writable_dir(lock.parent)
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
-                raise write_error(lock, e) from e
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held.fd = fd
+            held.fd = _acquire(lock)
         held.count += 1
         try:
             yield
         finally:
             held.count -= 1
             if held.count == 0 and held.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)  # removed while still held, so no lock file is left behind
                 os.close(held.fd)  # closing releases the flock
                 held.fd = None
+
+
+def _acquire(lock: Path) -> int:
+    """An fd holding the flock of ``lock``; retried when the holder removed the file before we got it."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(lock, e) from e
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # we locked a file its last holder already unlinked: take the new one
 
 
 def _try_lock(fd: int) -> bool:

@@ -494,28 +494,30 @@ def test_calibration_inputs_are_checked_before_use(tmp_path, case, make, message
 def test_replacing_a_folder_never_leaves_a_moment_without_one(tmp_path) -> None:
     from sfedge.fileio import atomic_dir
 
-    dest = tmp_path / "out"
+    dest, stop = tmp_path / "out", tmp_path / "stop"
     with atomic_dir(dest) as tmp:
         (tmp / "a.txt").write_text("0")
-    missing, stop = [], threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            if not (dest / "a.txt").exists():
-                missing.append(time.perf_counter())
-
-    t = threading.Thread(target=watch)
-    t.start()
+    # Another process (another core) looks for the folder as fast as it can while it is replaced 60 times.  With
+    # the old rename-away-then-rename-in it saw the folder missing hundreds of times per run.
+    watcher = subprocess.Popen([sys.executable, "-c", f"""
+import os
+p, stop, seen, missing = {str(dest / "a.txt")!r}, {str(stop)!r}, 0, 0
+while not os.path.exists(stop):
+    seen += 1
+    missing += not os.path.exists(p)
+print(seen, missing)
+"""], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
     try:
-        for i in range(1, 40):
+        for i in range(1, 61):
             with atomic_dir(dest) as tmp:
                 (tmp / "a.txt").write_text(str(i))
     finally:
-        stop.set()
-        t.join()
-    assert (dest / "a.txt").read_text() == "39"
-    assert not missing, f"the folder was missing {len(missing)} times while being replaced"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+        stop.touch()
+        seen, missing = map(int, watcher.communicate(timeout=60)[0].split())
+    assert (dest / "a.txt").read_text() == "60"
+    assert seen > 1000 and missing == 0, f"the folder was missing {missing} of {seen} times while being replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stop"]  # no .part, .old or lock file left
 
 
 @pytest.mark.slow
