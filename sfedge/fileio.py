@@ -270,12 +270,25 @@ def exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+# Outputs written before the marker existed are recognised by their main document's schema tag.
+LEGACY_OUTPUTS = {"report.json": "sfedge-profile/", "compare.json": "sfedge-compare/", "sweep.json": "sfedge-sweep/"}
+
+
 def _marker_kind(folder: Path) -> str | None:
     try:
         data = json.loads((folder / OUTPUT_MARKER).read_text())
         return str(data["kind"]) if isinstance(data, dict) else None
     except (OSError, ValueError, KeyError):
-        return None
+        pass
+    for name, prefix in LEGACY_OUTPUTS.items():
+        try:
+            if (folder / name).stat().st_size < (256 << 20):
+                schema = json.loads((folder / name).read_text()).get("schema", "")
+                if isinstance(schema, str) and schema.startswith(prefix):
+                    return prefix.removeprefix("sfedge-").rstrip("/")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def check_output_dir(path: str | os.PathLike[str], kind: str) -> None:

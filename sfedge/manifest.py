@@ -22,13 +22,13 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sfedge.errors import MalformedBundleError
 from sfedge.parity import DEFAULT_TOLERANCES
 
 __all__ = [
-    "SCHEMA", "MAX_MANIFEST_BYTES", "MAX_FILES", "PRECISIONS", "KINDS", "SAFE_NAME", "Manifest", "validate_manifest",
+    "SCHEMA", "MAX_MANIFEST_BYTES", "MAX_FILES", "PRECISIONS", "SAFE_NAME", "Manifest", "validate_manifest",
     "check_relpath", "confined", "is_safe_name",
 ]
 
@@ -36,7 +36,6 @@ SCHEMA = "sfedge-bundle/1"
 MAX_MANIFEST_BYTES = 4 << 20  # real manifests are a few KiB; anything near this is not one
 MAX_FILES = 10_000
 PRECISIONS = tuple(DEFAULT_TOLERANCES)
-KINDS = ("onnx", "tflite", "engine", "device-folder")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SHA256 = r"^[0-9a-f]{64}$"
 _DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool")
@@ -141,10 +140,10 @@ class TargetRecord(_Open):
 class ArtifactEntry(_Open):
     path: RelPath
     backend: SafeName
-    kind: Literal[KINDS]  # type: ignore[valid-type]
+    kind: SafeName  # onnx | tflite | engine | device-folder, or a new backend's own kind
     precision: Precision
-    inputs: list[TensorEntry] = Field(min_length=1, max_length=64)
-    outputs: list[TensorEntry] = Field(min_length=1, max_length=64)
+    inputs: list[TensorEntry] = Field(max_length=64)
+    outputs: list[TensorEntry] = Field(max_length=64)
     sha256: Sha256 | None = None
     size: int | None = Field(default=None, ge=0)
     files: list[RelPath] = Field(default_factory=list, max_length=MAX_FILES)
@@ -185,8 +184,13 @@ class Manifest(_Open):
     target: TargetRecord
     artifacts: list[ArtifactEntry] = Field(min_length=1, max_length=64)
     files: dict[RelPath, FileEntry] = Field(min_length=1, max_length=MAX_FILES)
-    reference: ReferenceEntry
+    reference: ReferenceEntry | None = None  # every built bundle has one; verify refuses a bundle without it
     origin: OriginEntry | None = None
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _empty_reference(cls, v: object) -> object:
+        return None if v == {} else v  # a hand-wrapped bundle for profiling only
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -210,7 +214,7 @@ class Manifest(_Open):
             for f in a.files:
                 if f not in self.files:
                     raise ValueError(f"file {f} of artifact {a.path} is not listed in 'files'")
-        for f in (self.reference.inputs, self.reference.outputs):
+        for f in (self.reference.inputs, self.reference.outputs) if self.reference is not None else ():
             if f not in self.files:
                 raise ValueError(f"reference file {f} is not listed in 'files'")
         return self

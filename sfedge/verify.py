@@ -270,6 +270,9 @@ def verify_bundle(
 ) -> VerifyReport:
     """Check signature, files, the manifest's tolerance claim, then re-run every runnable artifact on the stored held-out inputs."""
     bundle = load_bundle(path)
+    if not bundle.manifest.get("reference"):
+        raise MalformedBundleError(f"{bundle.path / 'manifest.json'} names no reference data, so nothing can be "
+                                   "verified", "rebuild the bundle with `sfedge build`")
     installed = installed_target(bundle.target_name, bundle.path)
     problems: list[str] = []
     origin_raw = None
