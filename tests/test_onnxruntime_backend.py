@@ -82,11 +82,11 @@ def test_make_int8_reaches_the_int8_tolerance_with_mixed_precision(
     assert tol.dice_agreement is not None and tol.dice_agreement >= 0.98
     assert tol.failures(art.parity) == [] and art.parity.samples == 16
     mp = art.meta["mixed_precision"]
-    assert mp["met"] and mp["float_layers"] == art.float_layers
+    assert mp["met"] and set(mp["float_layers"]) == set(art.float_layers)
     table = art.meta["sensitivity"]
     if tol.failures(mp["all_int8_parity"]):  # all-int8 missed: the search moved layers to float, most sensitive first
         ranking = [s["layer"] for s in table]
-        assert art.float_layers and art.float_layers == ranking[: len(art.float_layers)]
+        assert art.float_layers and set(art.float_layers) == set(ranking[: len(art.float_layers)])
         assert len(table) == art.meta["layers"]
         assert all({"layer", "role", "dice_agreement", "score", "cost"} <= set(s) for s in table)
         assert all(np.isfinite(s["score"]) and s["samples"] == 8 for s in table)  # ranked on calibration samples
