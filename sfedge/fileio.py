@@ -437,10 +437,13 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def read_json_bytes(data: bytes, where: str | os.PathLike[str], error: type[SfedgeError], hint: str) -> object:
-    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, no nesting deep enough to exhaust the stack."""
+def read_json_bytes(data: bytes, where: str | os.PathLike[str], error: type[SfedgeError], hint: str,
+                    allow_nan: bool = False) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, no nesting deep enough to exhaust the stack, no NaN/Infinity
+    unless ``allow_nan`` (profile reports may hold NaN statistics; manifests never do)."""
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+        return json.loads(data.decode("utf-8"), parse_constant=None if allow_nan else _no_constants,
+                          object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         detail = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise error(f"{where} is not valid JSON ({detail})", hint) from e
@@ -449,7 +452,7 @@ def read_json_bytes(data: bytes, where: str | os.PathLike[str], error: type[Sfed
 def read_schema_json(path: Path, schema: str, error: type[SfedgeError], rebuild_hint: str,
                      max_bytes: int = 256 << 20) -> dict:
     """A JSON document that declares ``"schema": schema`` (manifests, reports); ``error`` when unreadable or another schema."""
-    doc = read_json_bytes(read_limited(path, max_bytes, error, rebuild_hint), path, error, rebuild_hint)
+    doc = read_json_bytes(read_limited(path, max_bytes, error, rebuild_hint), path, error, rebuild_hint, allow_nan=True)
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         found = doc.get("schema") if isinstance(doc, dict) else None
         raise error(f"{path} has schema {found!r}", f"this sfedge reads {schema}; {rebuild_hint}")

@@ -202,7 +202,12 @@ def load_report(path: str | os.PathLike[str]) -> Report:
     f = p / REPORT_JSON if p.is_dir() else p
     if not f.is_file():
         raise SfedgeError(f"{p} is not a profile report (no {REPORT_JSON})", "give a folder written by `sfedge profile -o`")
-    return Report.from_dict(read_schema_json(f, SCHEMA, SfedgeError, "re-run sfedge profile"))
+    doc = read_schema_json(f, SCHEMA, SfedgeError, "re-run sfedge profile")
+    try:
+        return Report.from_dict(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a report edited by hand or from elsewhere
+        raise SfedgeError(f"{f} is not a complete profile report ({type(e).__name__}: {e})",
+                          "re-run sfedge profile") from e
 
 
 def host_info() -> dict[str, Any]:
