@@ -49,8 +49,10 @@ def complete_bundle(path: Path, *, force: bool = False, progress: Progress | Non
     """
     path = Path(path)
     with locked(path):
-        ensure_verified(verify_bundle(path, files_only=True, allowed_signers=allowed_signers,
-                                      require_signature=require_signature), "the on-device engine build")
+        report = verify_bundle(path, files_only=True, allowed_signers=allowed_signers,
+                               require_signature=require_signature)
+        ensure_verified(report, "the on-device engine build")
+        tolerance = report.tolerance.tolerance if report.tolerance else None  # the installed target's, as verify
         bundle = load_bundle(path)
         if not [a for a in bundle.artifacts if a.kind == "device-folder"]:
             raise BundleError(f"bundle {path} has no TensorRT device folder to build",
@@ -65,7 +67,8 @@ def complete_bundle(path: Path, *, force: bool = False, progress: Progress | Non
         inputs, reference = base.reference()
         with TensorRTRunner(engine.path) as runner:
             parity = measure(runner, inputs, reference)
-        engine.parity = gate(parity, base.tolerance, f"the TensorRT engine {engine.path.name}", cleanup=[engine.path])
+        engine.parity = gate(parity, tolerance or base.tolerance, f"the TensorRT engine {engine.path.name}",
+                             cleanup=[engine.path])
         manifest = _completed(base, folder.path, engine)
         _write(base, manifest, sign, first=base is bundle)
     return {"bundle": str(path), "engine": str(engine.path), "built": True, "parity": parity.as_dict(),

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -239,7 +240,8 @@ def _umask() -> int:
     return mask
 
 
-def _exchange_function():  # the OS call that swaps two paths atomically, or None
+def _exchange_function() -> Any:
+    """The OS call that swaps two paths in one step (Linux renameat2, macOS renamex_np), or None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     except OSError:

@@ -29,7 +29,9 @@ from pathlib import Path
 from sfedge.errors import SfedgeError
 from sfedge.isolation import neutral_cwd
 
-__all__ = ["NAMESPACE", "SignatureCheck", "sign_bytes", "check_signature", "ssh_keygen", "MAX_SIGNATURE_BYTES"]
+__all__ = [
+    "NAMESPACE", "SignatureCheck", "SigningError", "sign_bytes", "check_signature", "ssh_keygen", "MAX_SIGNATURE_BYTES",
+]
 
 NAMESPACE = "sfedge-bundle"
 MAX_SIGNATURE_BYTES = 64 << 10

@@ -438,6 +438,11 @@ def test_remote_host_starting_with_dash_is_refused_before_ssh_runs(world, tmp_pa
                      str(tmp_path / "r"), cwd=tmp_path, env=env)
     assert rc == 2 and "is not a host name" in error_line(err, "profile")
     assert not log.exists() and not marker.exists()
+    # A bundle holding a symlink out of it is not copied (scp -r would follow it).
+    linked = copy_bundle(world, tmp_path / "linked")
+    (linked / "keys").symlink_to(world["keys"])
+    rc, _, err = cli("profile", str(linked), "--remote", "pi@device", "-o", str(tmp_path / "r"), cwd=tmp_path, env=env)
+    assert rc == 2 and "holds a symlink, keys" in error_line(err, "profile") and not log.exists()
     # A normal host reaches ssh with `--` before it.
     rc, _, err = cli("profile", str(world["bundle"]), "--remote", "pi@device", "-o", str(tmp_path / "r"),
                      cwd=tmp_path, env=env)
