@@ -12,8 +12,6 @@ changed is not rebuilt.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -33,7 +31,7 @@ from sfedge.bundle import MANIFEST, SCHEMA, SIGNATURE, Bundle, check_files, hash
 from sfedge.calibration import CalibrationSet, load_calibration
 from sfedge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_sha256
 from sfedge.errors import CalibrationError, CheckpointError, ConfigError, OutputFolderError, SfedgeError
-from sfedge.fileio import atomic_dir, atomic_path, locked, sha256_bytes, write_json, write_text
+from sfedge.fileio import atomic_dir, atomic_path, locked, sfedge_code_sha256, sha256_bytes, write_json, write_text
 from sfedge.models import create_model, input_shape, list_models, model_entry
 from sfedge.nn import count_macs, count_params, factorize, fold
 from sfedge.progress import Progress, scaled
@@ -43,7 +41,6 @@ from sfedge.targets import Target, load_target
 
 __all__ = [
     "BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name",
-    "sfedge_code_sha256",
 ]
 
 TOOLCHAIN_PACKAGES = (
@@ -114,26 +111,6 @@ def _build_key(source: ModelSource, target: Target, precision: str, calib: Calib
     payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256, "tools": tools,
                "code": sfedge_code_sha256()}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
-
-
-@functools.cache
-def sfedge_code_sha256() -> str:
-    """sha256 over sfedge's own source: every .py file of the package and the target and calibration TOMLs it ships.
-
-    Why in the build key: the version string does not change when the code
-    that exports, quantizes or gates does, and a bundle built by other code
-    is not "up to date".  Computed once per process (a few ms).
-    """
-    package = Path(__file__).resolve().parent
-    files = sorted(package.rglob("*.py")) + sorted(package.rglob("*.toml"))
-    for folder in (package.parent / "targets", package.parent / "calibration"):  # a source checkout's built-ins
-        if folder.is_dir():
-            files += sorted(folder.glob("*.toml"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(package.parent).as_posix().encode() + b"\0")
-        h.update(f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def build_bundle(

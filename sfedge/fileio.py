@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import hashlib
 import json
@@ -52,6 +53,7 @@ except ImportError:  # Windows: no advisory locks; writes stay atomic, not seria
 __all__ = [
     "read_schema_json", "read_json_bytes", "read_limited", "write_error", "atomic_path", "atomic_dir", "write_json",
     "write_text", "sha256_file", "sha256_bytes", "locked", "check_output_dir", "OUTPUT_MARKER", "fsync_tree",
+    "sfedge_code_sha256", "exchange", "lock_file_for",
 ]
 
 OUTPUT_MARKER = ".sfedge-output"
@@ -400,6 +402,27 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.cache
+def sfedge_code_sha256() -> str:
+    """sha256 over sfedge's own source: every .py file of the package and the target and calibration TOMLs it ships.
+
+    Why in the build key: the version string does not change when the code
+    that exports, quantizes or gates does, and a bundle built by other code
+    is not "up to date".  Computed once per process (a few ms).
+    """
+    package = Path(__file__).resolve().parent  # sfedge/
+    files = sorted(package.rglob("*.py")) + sorted(package.rglob("*.toml"))
+    checkout = (package.parent / "pyproject.toml").is_file()
+    for folder in (package.parent / "targets", package.parent / "calibration"):  # a source checkout's built-ins
+        if checkout and folder.is_dir():
+            files += sorted(folder.glob("*.toml"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(package.parent).as_posix().encode() + b"\0")
+        h.update(f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

@@ -380,37 +380,36 @@ def test_on_device_build_adds_the_engine_and_nothing_else(world, jetson_bundle, 
 
 
 # -- 6. cache keys and inputs -----------------------------------------------------------------------------------------
-def test_build_cache_rebuilds_a_bundle_with_a_missing_or_unlisted_artifact(world, tmp_path) -> None:
+def test_build_cache_distrusts_a_manifest_that_does_not_hash_its_artifact(world, tmp_path) -> None:
     from sfedge.build import _up_to_date
 
-    out = tmp_path / "bundles"
-    bundle = copy_bundle(world, out / world["bundle"].name)
+    bundle = copy_bundle(world, tmp_path / "ok" / world["bundle"].name)
     key = json.loads((bundle / "manifest.json").read_text())["build_key"]
     assert _up_to_date(bundle, key, None) is not None
-    art = json.loads((bundle / "manifest.json").read_text())["artifacts"][0]["path"]
-    unlisted = copy_bundle(world, tmp_path / "unlisted" / bundle.name)
+    unlisted = copy_bundle(world, tmp_path / "unlisted" / world["bundle"].name)
     edit_manifest(unlisted, _unlist_artifact)
     assert _up_to_date(unlisted, key, None) is None, "a manifest that does not hash its artifact is not up to date"
-    (bundle / art).unlink()
-    rc, out, err = cli("build", str(world["ckpt"]), "-t", "sec-small", "-o", str(out), "--json", cwd=tmp_path,
-                       env=world["env"])
-    assert rc == 0 and json.loads(out)["bundles"][0]["cached"] is False, err
-    rc, out, err = cli("verify", str(bundle), cwd=tmp_path, env=world["env"])
-    assert rc == 0, out + err
+    truncated = copy_bundle(world, tmp_path / "truncated" / world["bundle"].name)
+    art = truncated / json.loads((truncated / "manifest.json").read_text())["artifacts"][0]["path"]
+    art.write_bytes(art.read_bytes()[:100])
+    assert _up_to_date(truncated, key, None) is None
+    # A missing artifact makes `sfedge build` rebuild: see the killed/concurrent builds test below.
 
 
 def test_build_key_covers_sfedge_code(tmp_path) -> None:
     import sfedge
-    from sfedge.build import sfedge_code_sha256
+    from sfedge.fileio import sfedge_code_sha256
 
     digest = sfedge_code_sha256()
     src = Path(sfedge.__file__).resolve().parent.parent
     scratch = tmp_path / "copy"
     shutil.copytree(src / "sfedge", scratch / "sfedge", ignore=shutil.ignore_patterns("__pycache__"))
-    for folder in ("targets", "calibration"):
-        if (src / folder).is_dir():
-            shutil.copytree(src / folder, scratch / folder)
-    code = "from sfedge.build import sfedge_code_sha256 as f; print(f())"
+    for name in ("targets", "calibration", "pyproject.toml"):
+        if (src / name).is_dir():
+            shutil.copytree(src / name, scratch / name)
+        elif (src / name).is_file():
+            shutil.copy(src / name, scratch / name)
+    code = "from sfedge.fileio import sfedge_code_sha256 as f; print(f())"
 
     def digest_of(root: Path) -> str:
         p = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=tmp_path,
@@ -525,7 +524,7 @@ print(seen, missing)
 
 
 @pytest.mark.slow
-def test_killed_terminated_and_concurrent_builds_leave_no_part_folders(world, tmp_path) -> None:
+def test_missing_artifact_killed_terminated_and_concurrent_builds(world, tmp_path) -> None:
     out = tmp_path / "bundles"
     argv = [sys.executable, "-P", "-m", "sfedge.cli", "build", str(world["ckpt"]), "-t", "sec-small", "-o", str(out)]
     env = {**os.environ, **world["env"]}
@@ -543,6 +542,9 @@ def test_killed_terminated_and_concurrent_builds_leave_no_part_folders(world, tm
             time.sleep(0.1)
         assert parts(), "the build never started writing"
 
+    # The bundle is there, but its artifact is missing: the cache must not call it up to date.
+    bundle = copy_bundle(world, out / world["bundle"].name)
+    (bundle / json.loads((bundle / "manifest.json").read_text())["artifacts"][0]["path"]).unlink()
     killed = start()
     wait_for_part(killed)
     killed.kill()  # kill -9: nothing runs on the way out
@@ -552,9 +554,8 @@ def test_killed_terminated_and_concurrent_builds_leave_no_part_folders(world, tm
     results = [p.communicate(timeout=900) for p in (a, b)]
     assert a.returncode == 0 and b.returncode == 0, results
     cached = sorted(json.loads(o)["bundles"][0]["cached"] for o, _ in results)
-    assert cached == [False, True], "the second build should wait for the first, then find it up to date"
+    assert cached == [False, True], "one build rebuilds the missing artifact, the other waits, then finds it done"
     assert not parts()
-    bundle = out / world["bundle"].name
     manifest = (bundle / "manifest.json").read_bytes()
     term = start("--force")
     wait_for_part(term)
