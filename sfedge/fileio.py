@@ -76,14 +76,23 @@ def _writable_dir(folder: Path) -> None:
 
 # -- durability -----------------------------------------------------------------------------------------------------
 def _fsync(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """Flush ``path`` to the device.  A file that cannot be flushed is an OSError (its data may be lost); a
+    folder is best effort (some filesystems and OSes cannot open or flush folders)."""
+    if not directory:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
     try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
-        return  # e.g. a folder that cannot be opened on this OS: nothing more to do
+        return
     try:
         os.fsync(fd)
     except OSError:
-        pass  # filesystems without fsync on folders
+        pass
     finally:
         os.close(fd)
 
