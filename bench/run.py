@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "fidelity")
+SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "factorizer", "fidelity", "third_party")
 HERE = Path(__file__).resolve().parent
 
 

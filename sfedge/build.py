@@ -1,13 +1,18 @@
 """Build bundles: a model and a target in, one checked, self-describing folder out.
 
-``build_bundle`` resolves the model (a checkpoint path, or a registry name for
-an untrained model), loads the calibration set at the model's input size, asks
-each of the target's backends that supports the precision to ``make`` its
-artifact (each checks parity against torch on the held-out split), stores the
-held-out inputs and the torch reference outputs for re-checking on the device,
-and writes ``manifest.json`` and a README.  The folder is assembled under a
-temporary name and renamed into place, and a bundle whose inputs have not
-changed is not rebuilt.
+``build_bundle`` resolves the model (anything :func:`sfedge.source.resolve_model`
+takes, or an ``nn.Module``), loads the calibration set at the model's input
+size, asks each of the target's backends that supports the precision to
+``make`` its artifact (each gates its parity against torch on the held-out
+split with the task's metric), stores the held-out inputs and the torch
+reference outputs for re-checking on the device, and writes ``manifest.json``
+and a README.  The folder is assembled under a temporary name and renamed
+into place, and a bundle whose inputs have not changed is not rebuilt.
+
+Each backend of a multi-backend target builds on its own: a backend that
+fails is recorded in the manifest's ``failures`` and the others are kept
+(the CLI exits with :data:`sfedge.errors.EXIT_PARTIAL`); ``require`` names
+backends whose failure fails the whole build.
 """
 
 from __future__ import annotations
@@ -16,33 +21,45 @@ import importlib.metadata
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
-from sfedge import __version__
+from sfedge import __version__, errors
 from sfedge.artifact import Artifact
 from sfedge.backends.maker import maker
 from sfedge.backends.registry import BACKENDS
 from sfedge.bundle import MANIFEST, SCHEMA, SIGNATURE, Bundle, check_files, hash_files, load_bundle
-from sfedge.calibration import CalibrationSet, load_calibration
-from sfedge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, weights_sha256
+from sfedge.calibration import CalibrationSet, holdout_image, load_calibration
+from sfedge.checkpoint import Checkpoint, save_checkpoint
 from sfedge.errors import CalibrationError, CheckpointError, ConfigError, OutputFolderError, SfedgeError
 from sfedge.fileio import atomic_dir, atomic_path, locked, sfedge_code_sha256, sha256_bytes, write_json, write_text
 from sfedge.models import create_model, input_shape, list_models, model_entry
+from sfedge.models.specs import weights_sha256
+from sfedge.models.tiled import torch_predictor
 from sfedge.nn import count_macs, count_params, factorize, fold
+from sfedge.parity import Parity, tolerance_for
 from sfedge.progress import Progress, scaled
 from sfedge.signing import sign_bytes
-from sfedge.source import ModelSource
+from sfedge.source import ModelSource, resolve_model
 from sfedge.targets import Target, load_target
+from sfedge.verify_on import VerifyOn
+from sfedge.whole_image import WHOLE_IMAGE_TILING, readme_section, store_whole_image
 
-__all__ = [
-    "BuildResult", "build_bundle", "resolve_model", "factorize_checkpoint", "toolchain_versions", "bundle_name",
-]
+__all__ = ["BuildResult", "build_bundle", "checkpoint_of", "factorize_checkpoint", "toolchain_versions", "bundle_name"]
 
+# What the output map means, per task (the bundle README says it to whoever writes the app).
+TASK_MEANING = {
+    "binary": "one channel of logits; the mask is logit > 0 (probability 0.5).",
+    "multiclass": "one channel per class; the label map is the argmax over channels.",
+    "multilabel": "one channel per label, independent; each label's mask is logit > 0 (sigmoid 0.5).",
+    "regression": "a continuous map, used as it is.",
+}
 TOOLCHAIN_PACKAGES = (
     "torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "litert-torch", "ai-edge-quantizer", "ai-edge-litert",
     "polygraphy", "tensorrt", "numpy",
@@ -58,14 +75,24 @@ class BuildResult:
     bundle: Bundle
     seconds: float
 
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        """Backends that failed while others built ({backend, error}); empty for a complete bundle."""
+        return list(self.bundle.manifest.get("failures") or [])
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.failures)
+
     def summary(self) -> dict[str, Any]:
         m = self.bundle.manifest
         return {
             "bundle": str(self.path), "cached": self.cached, "model": m["model"]["name"], "target": m["target"]["name"],
-            "precision": m["precision"], "seconds": round(self.seconds, 1),
+            "precision": m["precision"], "task": m["model"].get("task"), "seconds": round(self.seconds, 1),
+            "failures": self.failures,
             "artifacts": [
                 {"backend": a["backend"], "kind": a["kind"], "size": a.get("size"), "parity": a.get("parity", {}),
-                 "float_layers": len(a.get("float_layers", []))}
+                 "float_layers": len(a.get("float_layers", [])), "parity_on": a.get("parity_on", {})}
                 for a in m["artifacts"]
             ],
         }
@@ -82,21 +109,18 @@ def toolchain_versions() -> dict[str, str]:
     return out
 
 
-def resolve_model(model: str | os.PathLike[str]) -> Checkpoint:
-    """A checkpoint path, or a registry name (an *untrained* model, flagged in its metrics)."""
-    p = Path(model)
-    if p.suffix == ".safetensors" or p.exists():
-        return load_checkpoint(p)
-    if str(model) not in list_models() and (os.sep in str(model) or "." in str(model)):
-        raise CheckpointError(f"checkpoint {p} does not exist", "give an existing .safetensors file or a model name")
-    m = create_model(str(model)).eval()  # raises UnknownNameError listing valid names
-    state = m.state_dict()
-    return Checkpoint(model=m, name=str(model), config=dict(m.sfedge_config), weights_sha256=weights_sha256(state),
-                      preprocessing=None, metrics={"untrained": True}, path=None)
+def checkpoint_of(model: nn.Module) -> Checkpoint:
+    """A model given as an ``nn.Module`` (the Python API), described as a checkpoint would describe it."""
+    name = getattr(model, "sfedge_name", None) or type(model).__name__
+    source = getattr(model, "sfedge_source", None) or {"kind": "python", "class": f"{type(model).__module__}."
+                                                        f"{type(model).__qualname__}"}
+    return Checkpoint(model=model.eval(), name=name, config=dict(getattr(model, "sfedge_config", {}) or {}),
+                      weights_sha256=weights_sha256(model.state_dict()), source=source,
+                      metrics={"from_python_object": True})
 
 
-def bundle_name(ckpt: Any, target: Target, precision: str) -> str:
-    """``<model label>__<target>__<precision>``; the label is the checkpoint's stem or the registry name."""
+def bundle_name(ckpt: Checkpoint, target: Target, precision: str) -> str:
+    """``<model label>__<target>__<precision>``; the label is the checkpoint's stem or the model's name."""
     label = Path(ckpt.path).stem if ckpt.path is not None else ckpt.name
     return f"{label}__{target.name}__{precision}"
 
@@ -105,39 +129,70 @@ def _family(name: str) -> str:
     return name.removesuffix("-sfconv")
 
 
-def _build_key(source: ModelSource, target: Target, precision: str, calib: CalibrationSet, tools: dict[str, str]) -> str:
+def _build_key(source: ModelSource, target: Target, precision: str, calib: CalibrationSet, tools: dict[str, str],
+               options: dict[str, Any]) -> str:
     t = target.as_dict()
     t.pop("path", None)
-    payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256, "tools": tools,
+    payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256,
+               "tools": tools, "options": options, "whole_image": WHOLE_IMAGE_TILING.as_dict(),
                "code": sfedge_code_sha256()}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
 
 
 def build_bundle(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | nn.Module | Checkpoint,
     target: str | Target,
     precision: str | None = None,
     *,
+    config: Mapping[str, Any] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    task: str | None = None,
+    tolerances: Mapping[str, float] | None = None,
+    require: Sequence[str] = (),
     calibration: str | os.PathLike[str] = "fundus-demo",
     out_dir: str | os.PathLike[str] = "bundles",
     force: bool = False,
     progress: Progress | None = None,
+    verify_on: VerifyOn | None = None,
     sign: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle for (model, target, precision) under ``out_dir``.
 
-    Errors (unknown target or precision, corrupt checkpoint, bad calibration
-    set, parity failure) leave no bundle folder behind.  ``sign``: an SSH key
-    that signs the manifest (``manifest.json.sig``, :mod:`sfedge.signing`).
-    Concurrent builds of one bundle wait for each other; the cache is used
-    only when the existing bundle verifies in full (files and manifest).
+    ``model`` is a checkpoint, a registry name, ``file.py:factory`` /
+    ``package.module:factory`` (with ``config`` and ``weights``), a ``.pt2``
+    program, an ``nn.Module`` or a loaded :class:`Checkpoint`.  ``task`` says
+    what the output means (default: the checkpoint's, else detected from the
+    output channels); ``tolerances`` overrides keys of the target's tolerance
+    for ``precision`` (recorded in the manifest); ``require`` lists backends
+    whose failure fails the build (others are recorded and skipped).  Errors
+    (unknown target or precision, corrupt checkpoint, bad calibration set,
+    every backend failing) leave no bundle folder behind.  ``verify_on``
+    (:class:`sfedge.verify_on.VerifyOn`) also verifies the bundle on remote
+    devices before it exists and records their parity in the manifest.
+    ``sign``: an SSH key that signs the manifest (``manifest.json.sig``,
+    :mod:`sfedge.signing`).  Concurrent builds of one bundle wait for each
+    other; the cache is used only when the existing bundle verifies in full
+    (files and manifest); only a bundle folder is ever replaced.
     """
     start = time.perf_counter()
     say = progress or (lambda message, fraction=None: None)
     tgt = target if isinstance(target, Target) else load_target(target)
     prec = tgt.check_precision(precision or tgt.default_precision)
+    unknown = sorted(set(require) - set(tgt.backends))
+    if unknown:
+        raise ConfigError(f"--require {', '.join(unknown)}: target {tgt.name} does not build that backend",
+                          f"its backends: {', '.join(tgt.backends)}")
+    if tolerances:
+        tgt = replace(tgt, tolerances={**tgt.tolerances, prec: tolerance_for(tgt.tolerances, prec, tolerances)})
     say("loading model", 0.02)
-    ckpt = resolve_model(model)
+    if isinstance(model, Checkpoint):
+        ckpt = model
+    elif isinstance(model, nn.Module):
+        ckpt = checkpoint_of(model)
+    else:
+        ckpt = resolve_model(model, config=config, weights=weights, task=task)
+    if task is not None:
+        ckpt.task = task
     source = ModelSource.from_checkpoint(ckpt, tgt.input_size)
     say("loading calibration set", 0.05)
     calib = load_calibration(calibration, size=source.input_shape[2:])
@@ -154,10 +209,10 @@ def build_bundle(
         )
     backends = [b for b in tgt.backends if prec in BACKENDS[b].precisions]
     tools = toolchain_versions()
-    key = _build_key(source, tgt, prec, calib, tools)
+    key = _build_key(source, tgt, prec, calib, tools, {"tolerances": dict(tolerances or {})})
     dest = Path(out_dir) / bundle_name(ckpt, tgt, prec)
     with locked(dest):  # a second build of the same bundle waits here, then finds it up to date
-        cached = None if force else _up_to_date(dest, key, sign)
+        cached = None if force else _up_to_date(dest, key, sign, verify_on)
         if cached is not None:
             say("up to date", 1.0)
             return BuildResult(dest, True, cached, time.perf_counter() - start)
@@ -165,10 +220,12 @@ def build_bundle(
                                       or (not (dest / MANIFEST).is_file() and any(dest.iterdir()))):
             # Only a bundle (a folder with a manifest) is ever replaced: never a folder of the user's own files.
             raise OutputFolderError(f"{dest} exists and is not a bundle", "move it away or choose another -o")
-        return _build(ckpt, source, tgt, prec, calib, tools, key, backends, dest, sign, say, start)
+        return _build(ckpt, source, tgt, prec, calib, tools, key, backends, dest, require, tolerances, verify_on,
+                      sign, say, start)
 
 
-def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None) -> Bundle | None:
+def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None,
+                verify_on: VerifyOn | None = None) -> Bundle | None:
     """The existing bundle at ``dest`` if it was built from ``key`` and still verifies in full (files and manifest)."""
     if not (dest / MANIFEST).is_file():
         return None
@@ -178,40 +235,78 @@ def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None) -> Bu
         return None
     if existing.manifest.get("build_key") != key or not check_files(existing).passed:
         return None
+    if verify_on is not None and not verify_on.recorded(existing.manifest):
+        return None
     if sign is not None and not (dest / SIGNATURE).is_file():
         return None  # asked for a signed bundle: sign it (rebuild) rather than hand back an unsigned one
     return existing
 
 
 def _build(ckpt: Checkpoint, source: ModelSource, tgt: Target, prec: str, calib: CalibrationSet, tools: dict[str, str],
-           key: str, backends: list[str], dest: Path, sign: str | os.PathLike[str] | None, say: Progress,
+           key: str, backends: list[str], dest: Path, require: Sequence[str], tolerances: Mapping[str, float] | None,
+           verify_on: VerifyOn | None, sign: str | os.PathLike[str] | None, say: Progress,
            start: float) -> BuildResult:
     hold_in = calib.holdout
     hold_ref = source.reference(hold_in)
     with atomic_dir(dest) as tmp:
         artifacts: list[Artifact] = []
+        failures: list[dict[str, str]] = []
         for i, b in enumerate(backends):
             say(f"{b} {prec}", 0.1 + 0.8 * i / len(backends))
             sub = scaled(say, 0.1 + 0.8 * i / len(backends), 0.8 / len(backends), b)
-            artifacts.append(maker(b)(source, tgt, prec, calib, tmp, progress=sub))
+            try:
+                artifacts.append(maker(b)(source, tgt, prec, calib, tmp, progress=sub))
+            except SfedgeError as e:
+                if b in require or len(backends) == 1:
+                    raise
+                failures.append({"backend": b, "error": str(e), "type": type(e).__name__})
+                say(f"{b} failed: {e}", None)
+        if not artifacts:
+            raise type_of_first(failures)(f"no backend of {tgt.name} built {ckpt.name} at {prec}: "
+                                          + "; ".join(f"{f['backend']}: {f['error']}" for f in failures))
         say("writing manifest", 0.95)
         np.save(tmp / "holdout_inputs.npy", hold_in)
         np.save(tmp / "holdout_reference.npy", hold_ref)
-        manifest = _manifest(ckpt, source, tgt, prec, calib, tools, key, artifacts, tmp, count_params(ckpt.model),
-                             count_macs(ckpt.model, source.input_shape))
-        write_text(tmp / "README.md", _readme(manifest))
+        image, where = holdout_image(calib)  # the whole-image reference: the torch model, tiled
+        whole = store_whole_image(tmp, image, calib.spec.preprocessing, source.input_shape[2:],
+                                  torch_predictor(source.model), where)
+        manifest = _manifest(ckpt, source, tgt, prec, calib, tools, key, artifacts, tmp, count_params(source.model),
+                             count_macs(source.model, source.input_shape))
+        manifest["failures"] = failures
+        manifest["tolerance_overrides"] = dict(tolerances or {})
+        manifest["whole_image"] = whole
+        write_text(tmp / "README.md", _readme(manifest) + readme_section(manifest))
         manifest["files"] = hash_files(tmp)
         for a in manifest["artifacts"]:
             info = manifest["files"].get(a["path"])
             a["sha256"], a["size"] = (info["sha256"], info["size"]) if info else (None, _dir_size(tmp / a["path"]))
         write_json(tmp / MANIFEST, manifest)
-        if sign is not None:
+        if verify_on is not None:  # parity on the devices' own kernels; a failure there leaves no bundle
+            verify_on.check(tmp, dest.name, say)
+        if sign is not None:  # last: the signature covers the manifest as it ends up
             say("signing the manifest", 0.98)
             signature = sign_bytes((tmp / MANIFEST).read_bytes(), sign)
             with atomic_path(tmp / SIGNATURE) as sig:
                 sig.write_bytes(signature)
     say("done", 1.0)
     return BuildResult(dest, False, load_bundle(dest), time.perf_counter() - start)
+
+
+def type_of_first(failures: list[dict[str, str]]) -> type[SfedgeError]:
+    """The error class of the first failure (so an all-parity failure stays a ParityError)."""
+    cls = getattr(errors, failures[0]["type"], SfedgeError) if failures else SfedgeError
+    return cls if isinstance(cls, type) and issubclass(cls, SfedgeError) else SfedgeError
+
+
+def _conv(ckpt: Checkpoint) -> str:
+    """sfconv when the model has SFConv layers (its config says so, or a recorded factorization), else dense."""
+    return "sfconv" if ckpt.config.get("conv") == "sfconv" or ckpt.factorized else "dense"
+
+
+def _s(ckpt: Checkpoint) -> float | None:
+    if _conv(ckpt) != "sfconv":
+        return None
+    return ckpt.config.get("s") if ckpt.config.get("conv") == "sfconv" else ckpt.metrics.get("s")
 
 
 def _dir_size(p: Path) -> int:
@@ -228,11 +323,12 @@ def _manifest(ckpt: Any, source: ModelSource, target: Target, precision: str, ca
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_key": key,
         "model": {
-            "name": ckpt.name, "family": _family(ckpt.name), "conv": ckpt.config.get("conv"), "s": ckpt.config.get("s"),
+            "name": ckpt.name, "family": _family(ckpt.name), "conv": _conv(ckpt), "s": _s(ckpt),
             "config": ckpt.config, "weights_sha256": ckpt.weights_sha256, "params": params, "macs": macs,
-            "input_shape": list(source.input_shape), "preprocessing": source.preprocessing,
-            "source": str(ckpt.path) if ckpt.path else f"registry:{ckpt.name} (untrained)",
-            "metrics": ckpt.metrics,
+            "input_shape": list(source.input_shape), "preprocessing": source.preprocessing, "task": source.task,
+            "checkpoint": str(ckpt.path) if ckpt.path else None,
+            "source": ckpt.source or {"kind": "registry", "spec": ckpt.name},
+            "factorized_layers": len(ckpt.factorized), "metrics": ckpt.metrics, "notes": source.notes,
         },
         "target": t,
         "precision": precision,
@@ -260,9 +356,11 @@ def _readme(m: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for a in m["artifacts"]:
-        par = a.get("parity") or {}
-        ptxt = ", ".join(f"{k} {par[k]:.4g}" for k in ("max_abs", "cosine", "dice_agreement") if k in par) or "-"
-        lines.append(f"| {a['backend']} | `{a['path']}` | {a['precision']} | {ptxt} | {len(a.get('float_layers', []))} |")
+        par = Parity.from_dict(a.get("parity"))
+        lines.append(f"| {a['backend']} | `{a['path']}` | {a['precision']} | {par.summary() if par else '-'} | "
+                     f"{len(a.get('float_layers', []))} |")
+    for f in m.get("failures") or []:
+        lines.append(f"| {f['backend']} | not built | {m['precision']} | {f['error']} | - |")
     inp = m["artifacts"][0]["inputs"][0] if m["artifacts"] and m["artifacts"][0]["inputs"] else None
     pre = model.get("preprocessing") or {}
     lines += ["", "## Input", ""]
@@ -271,7 +369,8 @@ def _readme(m: dict) -> str:
                      + (f", quantized: real = {inp['scale']:.6g} * (q - {inp['zero_point']})" if inp.get("scale") else ""))
     if pre:
         lines.append(f"Preprocessing: image / 255, then (x - mean) / std with mean {pre.get('mean')} and std {pre.get('std')} "
-                     f"({pre.get('channels')} channels). The output is a logit map: vessel where logit > 0.")
+                     f"({pre.get('channels')} channels).")
+    lines += ["", f"Output: {TASK_MEANING.get(model.get('task') or 'binary', '')}"]
     notes = [n for a in m["artifacts"] for n in a.get("notes", [])]
     lines += [
         "", "## On the device", "",
@@ -289,31 +388,52 @@ def _readme(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def factorize_checkpoint(ckpt_path: str | os.PathLike[str], s: float, out_path: str | os.PathLike[str]) -> tuple[Path, Any]:
-    """A checkpoint's kxk convs -> SFConv2d at ratio ``s`` by truncated SVD, saved as a new checkpoint.
+def factorize_checkpoint(
+    model: str | os.PathLike[str],
+    s: float,
+    out_path: str | os.PathLike[str],
+    *,
+    config: Mapping[str, Any] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    task: str | None = None,
+    skip: Sequence[str] = (),
+    input_size: Sequence[int] = (256, 256),
+) -> tuple[Path, Any]:
+    """A model's kxk convs -> SFConv2d at ratio ``s`` by truncated SVD, saved as a checkpoint that rebuilds alone.
 
-    The result is rebuildable by name: ``<family>-sfconv`` with ``s`` in its
-    config (the registry builds exactly the layers ``factorize`` produces).
-    Returns the new path and the per-layer FactorizeReport.
+    ``model`` is anything :func:`sfedge.source.resolve_model` takes (with
+    ``config`` / ``weights`` for a spec).  sfedge's own families become
+    ``<family>-sfconv`` with ``s`` in their config; any other model keeps its
+    source and the checkpoint records the rank of every factorized layer, so
+    ``load_checkpoint`` rebuilds it exactly.  ``skip`` takes glob patterns of
+    layer names to keep dense.  Returns the new path and the per-layer
+    FactorizeReport (transposed, 1x1 and grouped convs listed as kept dense).
     """
-    ck = load_checkpoint(ckpt_path)
-    entry = model_entry(ck.name)
-    if "conv" not in entry.defaults:
-        raise ConfigError(f"model '{ck.name}' has no conv setting, so its factorized form has no registry name",
-                          "factorize models built with the conv factory (unet, factorizer)")
-    model = ck.model
-    if ck.config.get("conv") == "sfconv":  # re-rank an SFConv model: fold to dense first
-        fold(model)
-    report = factorize(model, s=s, input_shape=input_shape(ck.config))
-    sf_name = f"{_family(ck.name)}-sfconv"
-    name = sf_name if sf_name in list_models() else ck.name
-    config = {**ck.config, "conv": "sfconv", "s": s}
-    rebuilt = create_model(name, **config)
-    try:
-        rebuilt.load_state_dict(model.state_dict(), strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"factorized '{ck.name}' does not match the registry's '{name}' layout: {e}") from e
-    metrics = {"factorized_from": str(ckpt_path), "from_weights_sha256": ck.weights_sha256, "s": s,
-               "mac_reduction": report.mac_reduction}
-    save_checkpoint(rebuilt, out_path, preprocessing=ck.preprocessing, metrics=metrics)
+    ck = resolve_model(model, config=config, weights=weights, task=task)
+    if ck.input_shape is not None:
+        raise ConfigError(f"{model} is a torch.export program, which sfedge cannot factorize (its graph is fixed)",
+                          "factorize the model's code instead: FILE.py:factory --weights WEIGHTS, then export that")
+    base = ck.model
+    shape = input_shape(ck.config, input_size, base)
+    if ck.config.get("conv") == "sfconv" or ck.factorized:  # re-rank an SFConv model: fold to dense first
+        fold(base)
+    report = factorize(base, s=s, skip=skip, input_shape=shape)
+    metrics = {"factorized_from": str(model), "from_weights_sha256": ck.weights_sha256, "s": s,
+               "mac_reduction": report.mac_reduction, "skip": list(skip)}
+    own_family = ck.source is None and ck.name in list_models() and "conv" in model_entry(ck.name).defaults
+    if own_family:
+        sf_name = f"{_family(ck.name)}-sfconv"
+        name = sf_name if sf_name in list_models() else ck.name
+        rebuilt = create_model(name, **{**ck.config, "conv": "sfconv", "s": s})
+        if skip:
+            raise ConfigError(f"--skip does not apply to sfedge's own '{ck.name}' (its conv factory factorizes every "
+                              "eligible layer)", "drop --skip, or factorize a model of your own")
+        try:
+            rebuilt.load_state_dict(base.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"factorized '{ck.name}' does not match the registry's '{name}' layout: {e}") from e
+        save_checkpoint(rebuilt, out_path, preprocessing=ck.preprocessing, metrics=metrics, task=ck.task)
+    else:
+        save_checkpoint(base, out_path, preprocessing=ck.preprocessing, metrics=metrics, task=ck.task,
+                        record_factorization=True)
     return Path(out_path), report

@@ -78,6 +78,11 @@ class Bundle:
         return self.manifest["precision"]
 
     @property
+    def task(self) -> str:
+        """What the model's output means (bundles from before tasks existed: binary)."""
+        return str(self.manifest["model"].get("task") or "binary")
+
+    @property
     def tolerance(self) -> Tolerance:
         """The parity tolerance the bundle's target sets for its precision."""
         return tolerance_for(self.manifest["target"].get("tolerances") or {}, self.precision)

@@ -41,7 +41,10 @@ from sfedge.datasets.fundus import DEMO_SCALE, load_fundus_image
 from sfedge.errors import CalibrationError, UnknownNameError
 from sfedge.preprocess import FUNDUS_PREPROCESSING, Preprocessing
 
-__all__ = ["CalibrationSpec", "CalibrationSet", "load_calibration", "list_calibrations", "calibration_dirs", "IMAGE_SUFFIXES"]
+__all__ = [
+    "CalibrationSpec", "CalibrationSet", "load_calibration", "list_calibrations", "calibration_dirs", "IMAGE_SUFFIXES",
+    "holdout_image",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 BUILTINS = ("fundus-demo",)
@@ -310,8 +313,8 @@ def _too_large(path: Path, h: int, w: int) -> CalibrationError:
                             "downscale it first (calibration images are resized to the model input anyway)")
 
 
-def _read_image(path: Path, channels: int, hw: tuple[int, int]) -> np.ndarray:
-    """Read one image as (H, W, C) resized to ``hw`` (uint8 kept uint8; float NPY kept float).
+def _read_image(path: Path, channels: int, hw: tuple[int, int] | None) -> np.ndarray:
+    """Read one image as (H, W, C) resized to ``hw`` (None: its own size; uint8 kept uint8; float NPY kept float).
 
     Untrusted files are checked before they cost anything: the pixel count is
     read from the header before decoding (a few-KB PNG can declare 9500x9500
@@ -362,7 +365,7 @@ def _read_image(path: Path, channels: int, hw: tuple[int, int]) -> np.ndarray:
             f"calibration image {path} has {arr.shape[-1]} channel(s) but the spec says {channels}",
             "convert the image or fix [preprocessing] channels",
         )
-    if arr.shape[:2] != hw:
+    if hw is not None and arr.shape[:2] != hw:
         arr = _resize(arr, hw)
     return arr
 
@@ -378,13 +381,12 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
     """Deterministic crops (with flips) of scikit-image's fundus photograph.
 
     Calibration crops come from the left half, held-out crops from the right
-    half, so the two splits share no pixels.  The photograph is used at
+    half, so the two splits share no pixels.  A 1-channel spec takes the green
+    channel (where fundus vessels have their contrast).  The photograph is used at
     ``scale`` (default: the demo's training scale) or larger when a crop would
     not fit in half the width.
     """
-    base = 1411
-    scale = max(spec.scale or DEMO_SCALE, 2 * max(hw) / base + 1e-3)
-    scale = round(scale, 3)
+    scale = _fundus_scale(spec, hw)
     image, fov = load_fundus_image(scale)
     h, w = fov.shape
     rng = np.random.default_rng(spec.seed)
@@ -398,6 +400,8 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
             if not fov[y + hw[0] // 2, x + hw[1] // 2]:
                 continue
             im = image[y : y + hw[0], x : x + hw[1]]
+            if spec.preprocessing.channels == 1:
+                im = im[..., 1:2]
             if rng.random() < 0.5:
                 im = im[:, ::-1]
             if rng.random() < 0.5:
@@ -408,3 +412,38 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
     cal = np.stack(crops(spec.count, 0, half))
     hold = np.stack(crops(spec.holdout, half, w))
     return CalibrationSet(spec, cal, hold, [f"skimage.data.retina() scale={scale}"])
+
+
+def _fundus_scale(spec: CalibrationSpec, hw: tuple[int, int]) -> float:
+    """The photograph's scale for crops of ``hw``: the spec's (default: the demo's training scale), or larger
+    when a crop would not fit in half the width."""
+    base = 1411
+    return round(max(spec.scale or DEMO_SCALE, 2 * max(hw) / base + 1e-3), 3)
+
+
+WHOLE_IMAGE_MAX = 2048  # larger held-out images are centre-cropped to this many pixels per side
+
+
+def holdout_image(calib: CalibrationSet) -> tuple[np.ndarray, str]:
+    """One whole held-out image, raw (H, W, C) as a device would read it, and where it came from.
+
+    ``fundus-demo``: the right half of the photograph (where the held-out crops come from) at the set's
+    scale; a folder or glob set: its last held-out file at its own size (centre-cropped to
+    ``WHOLE_IMAGE_MAX`` per side).  This is what ``sfedge verify --whole-image`` runs tiled.
+    """
+    hw = calib.shape[1:]
+    if "builtin" in calib.spec.source:
+        from sfedge.datasets.fundus import load_fundus_image
+
+        scale = _fundus_scale(calib.spec, hw)
+        image, _ = load_fundus_image(scale)
+        half = image.shape[1] // 2
+        if calib.spec.preprocessing.channels == 1:  # as the 1-channel crops: the green channel
+            image = image[..., 1:2]
+        return np.ascontiguousarray(image[:, half:]), f"skimage.data.retina() scale={scale}, right half"
+    path = Path(calib.files[-1])
+    arr = _read_image(path, calib.spec.preprocessing.channels, None)
+    h, w = arr.shape[:2]
+    top, left = max(0, (h - WHOLE_IMAGE_MAX) // 2), max(0, (w - WHOLE_IMAGE_MAX) // 2)
+    arr = arr[top : top + WHOLE_IMAGE_MAX, left : left + WHOLE_IMAGE_MAX]
+    return np.ascontiguousarray(arr), str(path) + (" (centre crop)" if arr.shape[:2] != (h, w) else "")

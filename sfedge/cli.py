@@ -28,10 +28,12 @@ __all__ = ["main", "build_parser", "VERBS"]
 VERBS = (
     ("build", "sfedge.commands.build", "build per-device bundles (artifacts + manifest) for a model and target(s)"),
     ("verify", "sfedge.commands.verify", "re-check a bundle's hashes and parity (runs on the device, no torch)"),
+    ("predict", "sfedge.commands.predict", "masks and logits for whole images through a bundle, tiled (no torch)"),
     ("profile", "sfedge.commands.profile", "measure latency and memory of bundles; SFConv vs vanilla paired"),
     ("compare", "sfedge.commands.compare", "merge profile reports from several devices into one table and figure"),
     ("sweep", "sfedge.commands.sweep", "factorize at several ranks, build, check, profile; Pareto front"),
     ("targets", "sfedge.commands.targets", "list the known targets and their device facts"),
+    ("doctor", "sfedge.commands.doctor", "first thing on a new device: GPU, TensorRT, a test engine, matching targets"),
     ("inspect", "sfedge.commands.inspect", "describe a model, checkpoint, .onnx, .tflite or bundle"),
     ("factorize", "sfedge.commands.factorize", "turn a checkpoint's convs into SFConv layers at a given s"),
     ("train", "sfedge.commands.train", "train a model on the fundus demo data (pseudo-labels)"),

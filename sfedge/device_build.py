@@ -66,14 +66,14 @@ def complete_bundle(path: Path, *, force: bool = False, progress: Progress | Non
         engine = build_from_folder(folder.path, progress=progress)
         inputs, reference = base.reference()
         with TensorRTRunner(engine.path) as runner:
-            parity = measure(runner, inputs, reference)
+            parity = measure(runner, inputs, reference, base.task)
         engine.parity = gate(parity, tolerance or base.tolerance, f"the TensorRT engine {engine.path.name}",
                              cleanup=[engine.path])
         manifest = _completed(base, folder.path, engine)
         _write(base, manifest, sign, first=base is bundle)
     return {"bundle": str(path), "engine": str(engine.path), "built": True, "parity": parity.as_dict(),
             "message": f"{path}: built {engine.path.name} with TensorRT {engine.meta.get('tensorrt')} on "
-                       f"{engine.meta.get('gpu')}; max abs {parity.max_abs:.3g}, mask Dice {parity.dice_agreement:.4f}"}
+                       f"{engine.meta.get('gpu')}; {parity.summary()}"}
 
 
 def _origin(bundle: Bundle) -> Bundle:

@@ -7,6 +7,9 @@ optional ``hint`` appended to the message.
 
 from __future__ import annotations
 
+# `sfedge build` wrote a bundle without some backend's artifact (its manifest lists the failures).
+EXIT_PARTIAL = 4
+
 
 class SfedgeError(Exception):
     """Base of every error sfedge raises on purpose (exit code 2 in the CLI)."""
@@ -88,3 +91,7 @@ EXTRAS = {
 def install_hint(extra: str) -> str:
     """The one-line hint for a missing optional dependency: which extra to install, and what it is for."""
     return f"pip install 'sfedge[{extra}]' ({EXTRAS[extra]})"
+
+
+class ImageError(SfedgeError):
+    """An input image is missing, unreadable, or does not fit the model (channel count)."""

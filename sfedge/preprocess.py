@@ -13,7 +13,7 @@ import numpy as np
 
 from sfedge.errors import ConfigError
 
-__all__ = ["Preprocessing", "FUNDUS_PREPROCESSING"]
+__all__ = ["Preprocessing", "FUNDUS_PREPROCESSING", "FUNDUS_GREEN_PREPROCESSING"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,5 @@ class Preprocessing:
 
 # Per-channel statistics of skimage.data.retina() (whole image, 0..1 scale), rounded.
 FUNDUS_PREPROCESSING = Preprocessing(channels=3, mean=(0.625, 0.249, 0.181), std=(0.348, 0.153, 0.110))
+# The green channel alone (1-channel models on the fundus demo; calibration/fundus-demo-green.toml).
+FUNDUS_GREEN_PREPROCESSING = Preprocessing(channels=1, mean=(0.249,), std=(0.153,))

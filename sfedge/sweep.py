@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from sfedge.profile.subjects import subjects_from
 from sfedge.profile.tables import markdown_page, markdown_table, write_csv
 from sfedge.profile.types import MeasureConfig, Measurement
 from sfedge.progress import Progress
+from sfedge.source import resolve_model
 from sfedge.targets import load_target
 from sfedge.train import DEMO_MODELS, TrainConfig, holdout_dice, train
 
@@ -203,10 +204,16 @@ def sweep(
     force: bool = False,
     labels: bool | None = None,
     finetune_steps: int = 0,
+    model_config: Mapping[str, Any] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    task: str | None = None,
     progress: Progress | None = None,
 ) -> SweepResult:
-    """Factorize ``model`` (a vanilla checkpoint, or a demo model name) at each s, build, check, profile.
+    """Factorize ``model`` (a vanilla checkpoint, a demo model name, or a model spec) at each s, build, check, profile.
 
+    A spec (``file.py:factory``, ``package.module:factory``, a registry name)
+    takes ``model_config``, ``weights`` and ``task`` and is saved once as the
+    sweep's dense checkpoint.
     A rank whose build fails (e.g. its int8 artifact misses the parity
     tolerance) is kept in the result with its one-line error and left out
     of the measurement.  ``labels``: compute held-out Dice against the fundus
@@ -225,9 +232,9 @@ def sweep(
     if chosen not in usable:
         raise ConfigError(f"target {tgt.name} builds no {chosen} artifact at {prec}",
                           f"choose --backend from: {', '.join(usable) or 'none'}")
-    vanilla_ckpt = _vanilla_checkpoint(model)
     ck_dir = Path(checkpoints_dir) if checkpoints_dir else Path(bundles_dir) / "sweep-checkpoints"
     ck_dir.mkdir(parents=True, exist_ok=True)
+    vanilla_ckpt = _vanilla_checkpoint(model, ck_dir, model_config, weights, task)
     n_steps = len(s_values) + 1
     step = lambda i, what: (lambda m, f=None: say(f"{what}: {m}", None if f is None else 0.6 * (i + f) / n_steps))  # noqa: E731
 
@@ -282,14 +289,20 @@ def sweep(
     return SweepResult(name, tgt.name, prec, chosen, points, report, notes)
 
 
-def _vanilla_checkpoint(model: str | os.PathLike[str]) -> Path:
-    """The dense checkpoint to factorize: a path, or a demo model name (trained on first use)."""
+def _vanilla_checkpoint(model: str | os.PathLike[str], folder: Path, config: Mapping[str, Any] | None,
+                        weights: str | os.PathLike[str] | None, task: str | None) -> Path:
+    """The dense checkpoint to factorize: a path, a demo model name (trained on first use), or a spec saved once."""
     p = Path(model)
-    if not p.exists() and p.suffix != ".safetensors":
-        if str(model) not in DEMO_MODELS:
-            raise ConfigError(f"'{model}' is neither a checkpoint file nor a demo model",
-                              f"give a vanilla .safetensors checkpoint or one of: {', '.join(DEMO_MODELS)}")
+    if str(model) in DEMO_MODELS and not (config or weights):
         p = demo_checkpoints()[str(model)]
+    elif p.suffix != ".safetensors":
+        ck = resolve_model(model, config=config, weights=weights, task=task)
+        if ck.input_shape is not None:
+            raise ConfigError(f"{model} is a torch.export program, which sfedge cannot factorize",
+                              "sweep the model's code instead: FILE.py:factory --weights WEIGHTS")
+        p = folder / f"{ck.name}-{ck.weights_sha256[:8]}-dense.safetensors"
+        if not p.is_file():
+            save_checkpoint(ck.model, p, preprocessing=ck.preprocessing, metrics=ck.metrics, task=ck.task)
     header = read_checkpoint_header(p)  # raises CheckpointError for a missing or foreign file
     if json.loads(header.get("config", "{}")).get("conv") == "sfconv":
         raise ConfigError(f"{p} is already an SFConv model", "give the vanilla (dense) checkpoint to sweep from")
@@ -338,7 +351,7 @@ def _quality_vs_vanilla(points: list[SweepPoint], built: dict[int, Any], vanilla
             p.error = "held-out inputs differ from the vanilla bundle's (different calibration set or size)"
             continue
         with runner_for(art.path, backend=backend, threads=bundle.manifest["target"].get("threads")) as runner:
-            parity = measure(runner, inputs, reference)
+            parity = measure(runner, inputs, reference, bundle.task)
         p.dice_agreement, p.max_abs_vs_vanilla, p.cosine_vs_vanilla = (
             parity.dice_agreement, parity.max_abs, parity.cosine)
 

@@ -22,13 +22,24 @@ from torch import nn
 from torch.nn import functional as F
 
 from sfedge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from sfedge.datasets.fundus import FundusDemo, holdout_region, load_fundus, random_crops
+from sfedge.datasets.fundus import FundusDemo, holdout_region, load_fundus, random_crops, task_labels
+from sfedge.errors import ConfigError
 from sfedge.fileio import sha256_bytes
 from sfedge.models import create_model
+from sfedge.models.tiled import fixed_window, tiled_forward
 from sfedge.nn.flatness import flatness_loss
-from sfedge.preprocess import FUNDUS_PREPROCESSING, Preprocessing
+from sfedge.parity import mask_dice
+from sfedge.preprocess import FUNDUS_GREEN_PREPROCESSING, FUNDUS_PREPROCESSING, Preprocessing
+from sfedge.tiling import Tiling
 
-__all__ = ["TrainConfig", "TrainResult", "dice_bce_loss", "train", "holdout_dice", "train_or_load", "DEMO_MODELS"]
+__all__ = [
+    "TrainConfig", "TrainResult", "dice_bce_loss", "task_loss", "demo_preprocessing", "train", "holdout_dice",
+    "train_or_load", "save_evaluated", "DEMO_MODELS", "DEMO_FACTORIZERS", "EVAL_TILING",
+]
+
+# How fixed-size models (the Factorizer) are run over the held-out strip: Gaussian blending with half-window
+# overlap, so window borders (where the positional embedding and the NMF window grid see cut context) weigh little.
+EVAL_TILING = Tiling(overlap=0.5, mode="gaussian", sigma_scale=0.125, batch=8)
 
 
 @dataclass(frozen=True)
@@ -50,9 +61,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run achieved: held-out Dice, loss curve and wall time."""
+    """What a run achieved: held-out Dice (None when not evaluated), loss curve and wall time."""
 
-    dice: float
+    dice: float | None
     losses: list[float]
     seconds: float
     steps: int
@@ -67,23 +78,71 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) 
     return (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
+def task_loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training objective for what the output means: Dice + BCE per channel (binary, multilabel), or
+    soft Dice over classes + cross-entropy (multiclass; ``target`` is the class map)."""
+    if task in ("binary", "multilabel"):
+        return dice_bce_loss(logits, target)
+    if task == "multiclass":
+        prob = torch.softmax(logits, dim=1)
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+        inter = (prob * onehot).sum((0, 2, 3))
+        dice = (2 * inter + 1.0) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1.0)
+        return (1 - dice).mean() + F.cross_entropy(logits, target)
+    raise ConfigError(f"the demo trainer has no objective for a {task} output", "train it with your own code")
+
+
+def demo_preprocessing(in_channels: int) -> Preprocessing:
+    """The fundus demo's input for a model taking ``in_channels``: RGB (3) or the green channel (1)."""
+    if in_channels == 3:
+        return FUNDUS_PREPROCESSING
+    if in_channels == 1:
+        return FUNDUS_GREEN_PREPROCESSING
+    raise ConfigError(f"the fundus demo gives 1 (green) or 3 (RGB) input channels, not {in_channels}",
+                      "train this model on your own data")
+
+
 def _to_tensor(images: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    if pre.channels == 1 and images.shape[-1] == 3:
+        images = images[..., 1:2]  # the green channel
     return torch.from_numpy(np.stack([pre.apply(im) for im in images]))
 
 
 @torch.no_grad()
-def holdout_dice(model: nn.Module, demo: FundusDemo | None = None, pre: Preprocessing = FUNDUS_PREPROCESSING) -> float:
-    """Dice of thresholded predictions against the pseudo-labels on the held-out strip (inside the FOV)."""
+def holdout_dice(
+    model: nn.Module, demo: FundusDemo | None = None, pre: Preprocessing = FUNDUS_PREPROCESSING,
+    task: str = "binary", tiling: Tiling = EVAL_TILING,
+) -> float:
+    """Dice against the pseudo-labels on the held-out strip, for what the output means.
+
+    binary: vessels inside the field of view; multiclass: the mean Dice of the
+    classes other than 0 (see :func:`sfedge.datasets.fundus.task_labels`);
+    multilabel: the mean Dice of the labels.  Models that take any size see
+    the whole strip at once; models with a fixed input size (the Factorizer)
+    are run over it in windows of that size with ``tiling``
+    (:mod:`sfedge.tiling`), as a device would.
+    """
     demo = demo or load_fundus()
     divisor = int(getattr(model, "divisor", 16))
     image, vessels, fov = holdout_region(demo, max(divisor, 16))
+    x = _to_tensor(image[None], pre)
     was = model.training
     model.eval()
-    logits = model(_to_tensor(image[None], pre))[0, 0].numpy()
-    model.train(was)
-    pred = (logits > 0) & fov
-    truth = vessels & fov
-    return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
+    try:
+        if fixed_window(model) is not None:
+            logits = tiled_forward(model, x.numpy(), tiling)[0]
+        else:
+            logits = model(x)[0].numpy()
+    finally:
+        model.train(was)
+    labels = task_labels(task, logits.shape[0], vessels[None], fov[None])[0]
+    if task == "binary":
+        pred, truth = (logits[0] > 0) & fov, (labels[0] > 0.5) & fov
+        return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
+    if task == "multiclass":
+        pred = logits.argmax(0)
+        return float(np.mean([mask_dice(pred == c, labels == c) for c in range(1, logits.shape[0])]))
+    return float(np.mean([mask_dice(logits[c] > 0, labels[c] > 0.5) for c in range(logits.shape[0])]))
 
 
 def train(
@@ -93,9 +152,20 @@ def train(
     demo: FundusDemo | None = None,
     pre: Preprocessing = FUNDUS_PREPROCESSING,
     progress: Callable[[int, float], None] | None = None,
+    task: str = "binary",
+    evaluate: bool = True,
 ) -> TrainResult:
-    """Train ``model`` in place on fundus crops; returns held-out Dice and the loss curve."""
+    """Train ``model`` in place on fundus crops; returns held-out Dice (unless ``evaluate`` is False) and the loss curve.
+
+    ``task`` says what the output means; the demo's labels for it come from
+    :func:`sfedge.datasets.fundus.task_labels` (vessels, and the field of view
+    for 3-class and multilabel models).  Callers that must not lose a long run
+    to a failing evaluation pass ``evaluate=False``, save, then call
+    :func:`holdout_dice` themselves (:func:`save_evaluated`).  Models with a
+    fixed input size train on crops of that size.
+    """
     demo = demo or load_fundus()
+    crop = fixed_window(model) or config.crop
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -104,10 +174,12 @@ def train(
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(config.steps):
-        images, masks = random_crops(demo, config.batch, config.crop, rng, "train")
+        images, masks, fovs = random_crops(demo, config.batch, crop, rng, "train", with_fov=True)
         x = _to_tensor(images, pre)
-        y = torch.from_numpy(masks)[:, None]
-        loss = dice_bce_loss(model(x), y)
+        logits = model(x)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        y = torch.from_numpy(task_labels(task, logits.shape[1], masks, fovs))
+        loss = task_loss(task, logits, y)
         if config.flatness_weight > 0:
             loss = loss + flatness_loss(model, config.flatness_weight, config.flatness_mode)
         opt.zero_grad(set_to_none=True)
@@ -120,7 +192,9 @@ def train(
     model.eval()
     for p in model.parameters():  # keep storage contiguous for the TFLite path (litert-torch#1238)
         p.data = p.data.contiguous()
-    return TrainResult(dice=holdout_dice(model, demo, pre), losses=losses, seconds=time.perf_counter() - start, steps=config.steps)
+    seconds = time.perf_counter() - start
+    return TrainResult(dice=holdout_dice(model, demo, pre, task) if evaluate else None, losses=losses, seconds=seconds,
+                       steps=config.steps)
 
 
 # The demo pair: same U-Net, dense vs SFConv (s=0.25).
@@ -128,6 +202,41 @@ DEMO_MODELS: dict[str, dict] = {
     "unet": {"widths": [16, 32, 64, 128]},
     "unet-sfconv": {"widths": [16, 32, 64, 128], "s": 0.25},
 }
+# The Factorizer pair (`sfedge demo --family factorizer`): the registry defaults (16-32-64-128, 128x128 input,
+# rank-1 HALS, K=5, 8x8 windows), dense vs SFConv (s=0.25) stem and down convs.
+DEMO_FACTORIZERS: dict[str, dict] = {
+    "factorizer": {"widths": [16, 32, 64, 128]},
+    "factorizer-sfconv": {"widths": [16, 32, 64, 128], "s": 0.25},
+}
+
+
+def save_evaluated(
+    model: nn.Module,
+    path: str | Path,
+    metrics: dict,
+    *,
+    pre: Preprocessing = FUNDUS_PREPROCESSING,
+    demo: FundusDemo | None = None,
+    task: str = "binary",
+    record_factorization: bool = False,
+) -> tuple[float | None, str | None]:
+    """Save the trained ``model``, evaluate its held-out Dice, and save again with the Dice in its metrics.
+
+    The first save comes before any evaluation, so a failing evaluation (a model the evaluation cannot run,
+    a missing dataset) never loses the training run; both saves are atomic.  Returns (Dice, None), or
+    (None, one-line reason) when the evaluation failed, in which case the checkpoint carries
+    ``holdout_dice: null`` and the reason.
+    """
+    save = dict(preprocessing=pre, task=task, record_factorization=record_factorization)
+    save_checkpoint(model, path, metrics={**metrics, "holdout_dice": None}, **save)
+    try:
+        dice: float | None = holdout_dice(model, demo, pre, task)
+        error = None
+    except Exception as e:  # any failure of the evaluation is reported, never fatal: the weights are saved
+        dice, error = None, f"{type(e).__name__}: {e}".splitlines()[0]
+    save_checkpoint(model, path, metrics={**metrics, "holdout_dice": dice, **({"evaluation_error": error} if error else {})},
+                    **save)
+    return dice, error
 
 
 def train_or_load(
@@ -170,12 +279,7 @@ def _train_and_save(
 ) -> Checkpoint:
     torch.manual_seed(config.seed)
     model = create_model(name, **model_config)
-    result = train(model, config, progress=progress)
-    save_checkpoint(
-        model,
-        path,
-        preprocessing=FUNDUS_PREPROCESSING,
-        metrics={"holdout_dice": result.dice, "train_seconds": round(result.seconds, 1), "steps": result.steps,
-                 "train_config": asdict(config), "labels": "Frangi pseudo-labels on skimage.data.retina()"},
-    )
+    result = train(model, config, progress=progress, evaluate=False)
+    save_evaluated(model, path, {"train_seconds": round(result.seconds, 1), "steps": result.steps,
+                                 "train_config": asdict(config), "labels": "Frangi pseudo-labels on skimage.data.retina()"})
     return load_checkpoint(path)

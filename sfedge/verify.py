@@ -314,7 +314,7 @@ def verify_bundle(
             inputs, reference = bundle.reference()
         try:
             with runner_for(art.path, backend=art.backend, threads=threads or bundle.manifest["target"].get("threads")) as r:
-                parity = measure(r, inputs, reference)
+                parity = measure(r, inputs, reference, bundle.task)
         except BackendUnavailable as e:
             check.reason = str(e)
             continue

@@ -20,7 +20,7 @@ def test_builtin_targets_load_with_their_device_facts() -> None:
     assert targets["android-arm64"].layout == "NHWC" and targets["android-arm64"].backend == "tflite"
     host = targets["host-cpu"]
     assert set(host.backends) == {"onnxruntime", "tflite"} and host.device["arch"] == "x86_64"
-    assert host.tolerance("int8").dice_agreement == 0.98 and host.tolerance("fp32").max_abs == 1e-4
+    assert host.tolerance("int8").dice_agreement == 0.98 and host.tolerance("fp32").relative_max_abs == 1e-4
 
 
 def _write(tmp_path: Path, name: str, body: str) -> Path:

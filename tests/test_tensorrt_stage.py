@@ -231,9 +231,42 @@ def test_make_int8_writes_qdq_onnx_and_calibration_cache(unet_stem, small_calibr
     assert set(ranges) == {t for n in fp32.graph.node for t in [*n.input, *n.output] if t and t not in inits}
     assert "--calib=calibration.cache" in plan["fallback"]["trtexec"]
     assert "# sed -i" in (artifact.path / "build_engine.sh").read_text()  # relabels the cache for the device
-    assert artifact.parity.dice_agreement >= 0.5
+    # 64x64 crops may hold too few vessel pixels to judge masks: then the gate judged cosine (fallback_cosine).
+    assert artifact.parity.dice_agreement is None or artifact.parity.dice_agreement >= 0.5
+    assert artifact.parity.cosine > 0.9
 
 
 def test_make_refuses_a_target_without_tensorrt(unet, small_calibration, tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not build TensorRT engines"):
         make(unet, load_target("host-cpu"), "fp32", small_calibration, tmp_path)
+
+
+# -- make() where the GPU matches: probe, builder and runner replaced, everything else real ------------------------
+@pytest.mark.slow
+def test_make_builds_gates_and_caches_the_engine_when_the_gpu_matches(unet, small_calibration, tmp_path,
+                                                                      monkeypatch) -> None:
+    import sys
+
+    import sfedge.backends.tensorrt.folder as folder_module
+    import sfedge.backends.tensorrt.make as make_module
+    from sfedge.backends.tensorrt.engine_cache import EngineCache
+    from sfedge.errors import ParityError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trt_recorder import ORIN, DriftingEngine, EngineAsOnnx, fake_build_engine
+
+    builds = []
+    monkeypatch.setattr(make_module, "detect_gpu", lambda: ORIN)
+    monkeypatch.setattr(folder_module, "build_engine", lambda *a, **kw: builds.append(a) or fake_build_engine(*a, **kw))
+    monkeypatch.setattr(make_module, "TensorRTRunner", EngineAsOnnx)
+    target, cache = load_target("jetson-orin-nano"), EngineCache(tmp_path / "engines")  # TensorRT 10.3, sm_87
+    engine = make(unet, target, "fp32", small_calibration, tmp_path / "work", engine_cache=cache)
+    assert engine.kind == "engine" and engine.path.name == "model.engine" and engine.path.is_file()
+    assert target.tolerance("fp32").failures(engine.parity) == [] and engine.parity.samples == 4
+    assert engine.meta["tensorrt"] == ORIN.tensorrt and engine.meta["sm"] == 87 and not engine.meta["from_cache"]
+    again = build_from_folder(engine.path.parent, engine_cache=cache, gpu=ORIN)  # the same build: from the cache
+    assert again.meta["from_cache"] and len(builds) == 1
+    monkeypatch.setattr(make_module, "TensorRTRunner", DriftingEngine)  # an engine that disagrees is not kept
+    with pytest.raises(ParityError, match="the TensorRT engine model.engine disagrees"):
+        make(unet, target, "fp32", small_calibration, tmp_path / "drift", engine_cache=EngineCache(tmp_path / "e2"))
+    assert not list((tmp_path / "drift").rglob("model.engine"))

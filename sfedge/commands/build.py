@@ -7,34 +7,49 @@ from pathlib import Path
 from typing import Any
 
 from sfedge.bundle import is_bundle
+from sfedge.commands.model_options import MODEL_HELP, add_model_options, model_options
 from sfedge.console import console, err_console, fmt_bytes, print_json, progress_bar, table
 from sfedge.device_build import complete_bundle
-from sfedge.errors import SfedgeError
+from sfedge.errors import EXIT_PARTIAL, SfedgeError
+from sfedge.parity import parse_tolerance_overrides
+from sfedge.progress import scaled
 from sfedge.targets import DEFAULT_TARGET, list_targets, load_target
 
 EPILOG = """examples:
   sfedge build .cache/demo/unet-sfconv-*.safetensors --target host-cpu --precision int8
   sfedge build ckpt.safetensors --target jetson-orin-nano --target android-arm64 -o bundles/
   sfedge build ckpt.safetensors --all-targets --precision int8
+  sfedge build monai.networks.nets:BasicUNet --config basicunet.json --weights model.pt --task binary
+  sfedge build net.py:make_net --config '{"classes": 3}' --weights net.pt --calibration my-scans.toml
+  sfedge build model.pt2 --target android-arm64                 (a torch.export program, no code needed)
   sfedge build unet-sfconv --target my-board.toml          (registry name: untrained weights)
   sfedge build bundles/unet__jetson-orin-nano__int8        (on the Jetson: build the engine into the bundle)
+  sfedge build ckpt.safetensors --target raspberry-pi-5 --verify-on pi@raspberrypi
+                                     (parity on the Pi's own kernels, recorded in the manifest; fails the build if off)
 
 A bundle whose inputs (weights, target, precision, calibration set, toolchain, sfedge's
 own code) are unchanged and whose files all still verify is not rebuilt; --force
 rebuilds it.  A failed or interrupted build leaves no bundle folder behind, two builds
-of one bundle wait for each other, and only a bundle folder is ever replaced.
+of one bundle wait for each other, and only a bundle folder is ever replaced.  On a
+target with several backends each artifact builds on its own: one that fails is
+recorded in the manifest and the others are kept.
 
 Signing: --sign ~/.ssh/id_ed25519 writes manifest.json.sig (an SSH signature of the
 manifest, which hashes every file); `sfedge verify --allowed-signers FILE` checks it.
 On the device, `sfedge build <bundle>` verifies the bundle first (files, manifest,
 and the signature with --allowed-signers or a target that requires one) and refuses
-a changed one."""
+a changed one.
+
+Exit status: 0 every bundle complete; 2 an error (nothing written for that build);
+3 a bundle to complete on the device is not a readable, well-formed bundle;
+4 partial: a bundle was written without some backend's artifact (see "failures" in its
+manifest); --require BACKEND makes such a failure an error instead."""
 
 
 def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(verb, help=help_text, description=help_text, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint (.safetensors), registry model name, or a bundle folder to complete on the device")
+    p.add_argument("model", help=MODEL_HELP + "; or a bundle folder to complete on the device")
     p.add_argument("-t", "--target", action="append", default=[], help="target name or .toml path (repeatable; default host-cpu)")
     p.add_argument("--all-targets", action="store_true", help="build for every known target")
     p.add_argument("-p", "--precision", action="append", default=[],
@@ -49,8 +64,23 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("--require-signature", action="store_true",
                    help="on the device: refuse unsigned bundles (signers from --allowed-signers, "
                         "$SFEDGE_ALLOWED_SIGNERS or the target)")
+    p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the target's parity tolerance for this build (repeatable; recorded in "
+                        "the manifest): max_abs, relative_max_abs, cosine, dice_agreement, fallback_cosine, psnr")
+    p.add_argument("--require", action="append", default=[], metavar="BACKEND",
+                   help="fail the build if this backend's artifact fails (repeatable; default: keep the others)")
     p.add_argument("--dry-run", action="store_true", help="list the (target, precision) builds and stop")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_model_options(p)
+    r = p.add_argument_group("parity on the device (plain ssh/scp, as `sfedge profile --remote`)")
+    r.add_argument("--verify-on", action="append", default=[], metavar="USER@HOST",
+                   help="before a bundle exists, run `sfedge verify` on this device and record its parity in the "
+                        "manifest (parity_on); an artifact outside the tolerance there fails the build (repeatable)")
+    r.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE", help="passed to ssh and scp as -o")
+    r.add_argument("--ssh-config", help="ssh_config file to use instead of ~/.ssh/config (ssh -F)")
+    r.add_argument("--remote-python", default="python3", help="Python on the device that has sfedge (default python3)")
+    r.add_argument("--install", action="store_true",
+                   help="if sfedge or a runtime is missing on the device, install this sfedge there as a wheel")
     p.set_defaults(func=run)
     return p
 
@@ -80,16 +110,16 @@ def run(args: argparse.Namespace) -> int:
     single = len(jobs) == 1
     from sfedge.build import build_bundle
 
+    verify_on = _verify_on(args)
+    overrides = parse_tolerance_overrides(args.tolerance)
+    options = model_options(args)
     with progress_bar("build", total=len(jobs), enabled=not args.json) as bar:
         for i, (t, p) in enumerate(jobs):
-            label = f"{t.name} {p}"
-
-            def sub(message: str, fraction: float | None = None, i: int = i, label: str = label) -> None:
-                bar(f"{label}: {message}", None if fraction is None else (i + fraction) / len(jobs))
-
+            sub = scaled(bar, i / len(jobs), 1 / len(jobs), f"{t.name} {p}")
             try:
                 results.append(build_bundle(args.model, t, p, calibration=args.calibration, out_dir=Path(args.out),
-                                            force=args.force, progress=sub, sign=args.sign))
+                                            force=args.force, progress=sub, verify_on=verify_on,
+                                            tolerances=overrides, require=args.require, sign=args.sign, **options))
             except SfedgeError as e:
                 if single:
                     raise
@@ -99,18 +129,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(bundles_table("bundles", results))
         for r in results:
+            for n in r.bundle.manifest["model"].get("notes", []):
+                console.print(f"[dim]{r.path.name}:[/] {n}")
             for a in r.bundle.manifest["artifacts"]:
                 for n in a.get("notes", []):
                     console.print(f"[dim]{r.path.name} ({a['backend']}):[/] {n}")
+            for f in r.failures:
+                err_console.print(f"[yellow]partial[/] {r.path.name}: {f['backend']} not built: {f['error']}")
             if r.cached:
                 console.print(f"{r.path}: up to date, nothing rebuilt (use --force to rebuild)")
         for f in failures:
             err_console.print(f"[red]failed[/] {f['target']} {f['precision']}: {f['error']}")
-    return 2 if failures else 0
+    if failures:
+        return 2
+    return EXIT_PARTIAL if any(r.partial for r in results) else 0
 
 
 def bundles_table(title: str, results: list) -> Any:
-    """One row per artifact of each BuildResult: where it is for, its size, parity and whether it was rebuilt."""
+    """One row per artifact of each BuildResult: where it is for, its size, parity (on the devices too, when
+    verified there) and whether it was rebuilt."""
+    from sfedge.verify_on import parity_on_text
+
+    on_device = any(a.get("parity_on") for r in results for a in r.summary()["artifacts"])
     rows = []
     for r in results:
         s = r.summary()
@@ -118,9 +158,22 @@ def bundles_table(title: str, results: list) -> Any:
             par = a["parity"]
             rows.append([s["model"], s["target"], s["precision"], a["backend"], a["kind"], fmt_bytes(a["size"]),
                          par.get("max_abs"), par.get("cosine"), par.get("dice_agreement"), a["float_layers"],
+                         *([parity_on_text(a)] if on_device else []),
                          "cached" if s["cached"] else f"built {s['seconds']}s", s["bundle"]])
     return table(title, ["model", "target", "precision", "backend", "artifact", "size", "max abs", "cosine",
-                         "mask Dice vs torch", "float layers", "status", "folder"], rows)
+                         "mask Dice vs torch", "float layers", *(["on the device"] if on_device else []), "status",
+                         "folder"], rows)
+
+
+def _verify_on(args: argparse.Namespace) -> Any:
+    """The --verify-on hosts and how to reach them, or None."""
+    if not args.verify_on:
+        return None
+    from sfedge.profile.remote import RemoteOptions
+    from sfedge.verify_on import VerifyOn, parse_hosts
+
+    return VerifyOn(parse_hosts(args.verify_on), RemoteOptions(
+        ssh_options=list(args.ssh_option), ssh_config=args.ssh_config, python=args.remote_python, install=args.install))
 
 
 def _complete_on_device(args: argparse.Namespace) -> int:

@@ -10,12 +10,14 @@ from typing import Any
 
 from sfedge.backends.tflite.ops import op_report
 from sfedge.bundle import check_files, is_bundle, load_bundle
+from sfedge.commands.model_options import MODEL_HELP, add_model_options, model_options
 from sfedge.console import console, fmt_bytes, print_json, table
 from sfedge.errors import ConfigError
 
 EPILOG = """examples:
   sfedge inspect --models                        the model registry
   sfedge inspect unet-sfconv --input-size 256 256
+  sfedge inspect monai.networks.nets:UNet --config unet.json     any model spec: params, MACs, layers
   sfedge inspect .cache/demo/unet-sfconv-*.safetensors   params, MACs, ranks, flatness per layer
   sfedge inspect model.onnx                      opset, ops, I/O, sfedge metadata
   sfedge inspect model.tflite                    ops, TRANSPOSEs, XNNPACK delegation, Flex ops
@@ -25,10 +27,11 @@ EPILOG = """examples:
 def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(verb, help=help_text, description=help_text, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("thing", nargs="?", help="model name, checkpoint, .onnx, .tflite or bundle folder")
+    p.add_argument("thing", nargs="?", help=MODEL_HELP + "; or an .onnx, .tflite or bundle folder")
     p.add_argument("--models", action="store_true", help="list the model registry")
     p.add_argument("--input-size", nargs=2, type=int, default=[256, 256], metavar=("H", "W"))
     p.add_argument("--json", action="store_true")
+    add_model_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     elif p.suffix == ".tflite":
         info = _tflite(p)
     else:
-        info = _model(args.thing, tuple(args.input_size))
+        info = _model(args.thing, tuple(args.input_size), model_options(args))
     if args.json:
         print_json(info)
     else:
@@ -63,23 +66,24 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(thing: str, hw: tuple[int, int]) -> dict[str, Any]:
-    from sfedge.build import resolve_model
-    from sfedge.models import input_shape
+def _model(thing: str, hw: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
     from sfedge.nn import SFConv2d, count_macs, count_params, flatness_report
+    from sfedge.source import ModelSource, resolve_model
 
-    ck = resolve_model(thing)
-    model = ck.model
-    shape = input_shape(ck.config, hw)
+    ck = resolve_model(thing, **options)
+    source = ModelSource.from_checkpoint(ck, hw)
+    model, shape = source.model, source.input_shape
     layers = [{"layer": n, "shape": f"{m.out_channels}x{m.in_channels}x{m.kernel_size[0]}x{m.kernel_size[1]}",
                "rank": m.rank} for n, m in model.named_modules() if isinstance(m, SFConv2d)]
     flat = {r.name: r for r in flatness_report(model)}
     for row in layers:
         f = flat[row["layer"]]
         row["kl_to_uniform"], row["effective_rank"] = round(f.kl, 4), round(f.effective_rank, 2)
-    return {"kind": "model", "name": ck.name, "source": str(ck.path) if ck.path else "registry (untrained)",
+    return {"kind": "model", "name": ck.name, "checkpoint": str(ck.path) if ck.path else None,
+            "source": ck.source or {"kind": "registry", "spec": ck.name}, "task": source.task,
             "config": ck.config, "weights_sha256": ck.weights_sha256, "params": count_params(model),
-            "macs": count_macs(model, shape), "input_shape": list(shape), "metrics": ck.metrics, "sfconv_layers": layers}
+            "macs": count_macs(model, shape), "input_shape": list(shape), "metrics": ck.metrics,
+            "notes": source.notes, "sfconv_layers": layers}
 
 
 def _onnx(path: Path) -> dict[str, Any]:
@@ -135,6 +139,9 @@ def _print(info: dict[str, Any]) -> None:
             rows = [[r["layer"], r["shape"], r["rank"], r["kl_to_uniform"], r["effective_rank"]] for r in info["sfconv_layers"]]
             console.print(table("SFConv layers", ["layer", "shape", "rank", "KL(p||U)", "effective rank"], rows))
         console.print(f"config: {json.dumps(info['config'])}")
+        console.print(f"source: {json.dumps(info['source'])}")
+        for note in info.get("notes") or []:
+            console.print(f"[dim]note:[/] {note}")
     elif kind == "onnx":
         console.print(table("ops", ["op", "count"], [[k, v] for k, v in info["ops"].items()]))
         console.print(table("I/O", ["name", "dtype", "shape"], [[v["name"], v["dtype"], str(v["shape"])]
@@ -150,7 +157,8 @@ def _print(info: dict[str, Any]) -> None:
                 console.print(f"{k}: {json.dumps(v)[:400]}")
     elif kind == "bundle":
         rows = [[a["backend"], a["kind"], a["path"], a["precision"], fmt_bytes(a["size"]),
-                 ", ".join(f"{k} {v:.4g}" for k, v in (a["parity"] or {}).items() if k in ("max_abs", "cosine", "dice_agreement")),
+                 ", ".join(f"{k} {v:.4g}" for k, v in (a["parity"] or {}).items()
+                           if k in ("max_abs", "cosine", "dice_agreement") and v is not None),
                  len(a["float_layers"] or [])] for a in info["artifacts"]]
         console.print(table("artifacts", ["backend", "kind", "path", "precision", "size", "parity", "float layers"], rows))
         console.print(f"toolchain: {', '.join(f'{k} {v}' for k, v in info['toolchain'].items())}")

@@ -111,7 +111,8 @@ def _run_remote(args: argparse.Namespace, config: MeasureConfig, out: Path) -> i
         comparison.write(out / "compare", plots=not args.no_plots)
     if args.json:
         print_json({"reports": {r.host: str(r.report_dir) for r in done}, "errors": {r.host: r.error for r in results
-                    if r.error}, "summary": comparison.summary, "pairs": comparison.pairs, "notes": comparison.notes})
+                    if r.error}, "installed": {r.host: r.installed for r in results if r.installed},
+                    "summary": comparison.summary, "pairs": comparison.pairs, "notes": comparison.notes})
     else:
         for t in comparison.tables():
             console.print(t)

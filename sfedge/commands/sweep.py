@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sfedge.commands.model_options import MODEL_HELP, add_model_options, model_options
 from sfedge.commands.profile import default_out
 from sfedge.console import console, err_console, print_json, progress_bar
 from sfedge.fileio import check_output_dir
@@ -18,6 +19,7 @@ EPILOG = """examples:
       the demo U-Net: factorize at four ranks, build host-cpu bundles, check, profile (ONNX Runtime)
   sfedge sweep runs/unet.safetensors --target host-cpu --s 0.5,0.25 --backend tflite --precision int8
   sfedge sweep ckpt.safetensors --target raspberry-pi-5 --s 0.5,0.25 --runs 100 -o reports/pi-sweep
+  sfedge sweep monai.networks.nets:BasicUNet --config basicunet.json --weights model.pt --s 0.5,0.25
 
 Every s becomes an SFConv checkpoint by truncated SVD, a bundle (each artifact
 parity-checked against its torch model), and one configuration in a single
@@ -31,7 +33,7 @@ Profile on another device by copying the bundles there and running
 def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(verb, help=help_text, description=help_text, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="vanilla checkpoint (.safetensors) or demo model name (unet)")
+    p.add_argument("model", metavar="MODEL", help="the vanilla (dense) model: " + MODEL_HELP)
     p.add_argument("--target", default="host-cpu", help="target name or .toml file (default host-cpu)")
     p.add_argument("--s", dest="s_values", default="1,0.5,0.25,0.125",
                    help="comma-separated ranks s in (0, 1] (default 1,0.5,0.25,0.125)")
@@ -48,6 +50,7 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
                         "holds an earlier sfedge sweep, any other non-empty folder is refused")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--json", action="store_true", help="print the sweep as JSON on stdout instead of a table")
+    add_model_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar("sweep", enabled=not args.json) as progress:
         result = sweep(args.model, args.target, s_values, precision=args.precision, backend=args.backend,
                        calibration=args.calibration, bundles_dir=args.bundles, config=config, force=args.force,
-                       finetune_steps=args.finetune, progress=progress)
+                       finetune_steps=args.finetune, progress=progress, **_model_kwargs(args))
     result.write(out, plots=not args.no_plots)
     if args.json:
         print_json({**result.as_dict(), "out": str(out)})
@@ -73,3 +76,8 @@ def run(args: argparse.Namespace) -> int:
         err_console.print(f"[yellow]note:[/] {note}")
     console.print(f"report: {out}")
     return 0
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    options = model_options(args)
+    return {"model_config": options["config"], "weights": options["weights"], "task": options["task"]}

@@ -6,13 +6,16 @@ import argparse
 
 from sfedge.console import console, err_console, escape, print_json, table
 from sfedge.errors import MalformedBundleError
+from sfedge.parity import parse_tolerance_overrides
 from sfedge.verify import VerifyReport, verify_bundle
 
 EPILOG = """examples:
   sfedge verify bundles/unet-sfconv__host-cpu__int8
   sfedge verify . --json                 (inside a bundle copied to the device)
+  sfedge verify . --whole-image          also run each artifact tiled over the stored whole held-out image
   sfedge verify . --allowed-signers ~/.config/sfedge/allowed_signers     (require a valid signature)
   sfedge verify . --files-only           (hashes and signature only: e.g. a Jetson bundle before its engine is built)
+  sfedge verify . --tolerance dice_agreement=0.97   (accept a looser tolerance than the target's, knowingly)
 
 What PASS means: every file matches the manifest's sha256 and no other file is in
 the folder; every runnable artifact meets the tolerance of the target installed
@@ -38,12 +41,17 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("bundle", nargs="+", help="bundle folder(s)")
     p.add_argument("--backend", help="check only this backend's artifact")
     p.add_argument("--threads", type=int, help="runtime threads (default: the target's)")
+    p.add_argument("--whole-image", action="store_true", help="also check each artifact, tiled as `sfedge predict` runs "
+                   "it, on the bundle's whole held-out image against the torch model's tiled output")
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="OpenSSH allowed_signers file; a valid signature by one of its keys is then required")
     p.add_argument("--require-signature", action="store_true",
                    help="fail unsigned bundles (signers from --allowed-signers, $SFEDGE_ALLOWED_SIGNERS or the target)")
     p.add_argument("--files-only", action="store_true",
                    help="check hashes, manifest and signature only; run no artifact")
+    p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the target's tolerance here (repeatable): the one way to accept a bundle "
+                        "built with a looser --tolerance")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
     return p
@@ -52,16 +60,24 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
 def run(args: argparse.Namespace) -> int:
     reports: list[VerifyReport] = []
     malformed: list[str] = []
+    overrides = parse_tolerance_overrides(args.tolerance)
     for b in args.bundle:
         try:
-            reports.append(verify_bundle(b, backend=args.backend, threads=args.threads,
-                                         allowed_signers=args.allowed_signers,
-                                         require_signature=args.require_signature, files_only=args.files_only))
+            report = verify_bundle(b, backend=args.backend, threads=args.threads, allowed_signers=args.allowed_signers,
+                                   require_signature=args.require_signature, files_only=args.files_only,
+                                   tolerance_override=overrides)
         except MalformedBundleError as e:
             if len(args.bundle) == 1:
                 raise
             malformed.append(str(e))
             err_console.print(f"sfedge verify: error: {e}", markup=False)
+            continue
+        if args.whole_image and not args.files_only:
+            from sfedge.whole_image import check_whole_image
+
+            report.artifacts += check_whole_image(report.bundle, backend=args.backend, threads=args.threads,
+                                                  tolerance=report.tolerance.tolerance if report.tolerance else None)
+        reports.append(report)
     code = 3 if malformed else 0 if all(r.passed for r in reports) else 1
     if args.json:
         print_json([r.as_dict() for r in reports] if len(args.bundle) > 1 else reports[0].as_dict())

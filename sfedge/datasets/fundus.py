@@ -18,7 +18,13 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["FundusDemo", "load_fundus", "load_fundus_image", "random_crops", "holdout_region", "TRAIN_FRACTION", "DEMO_SCALE"]
+__all__ = [
+    "FundusDemo", "load_fundus", "load_fundus_image", "random_crops", "holdout_region", "task_labels", "TRAIN_FRACTION",
+    "DEMO_SCALE", "DEMO_TASK_CHANNELS",
+]
+
+# Which label maps the demo data gives each task, by number of output channels (see task_labels).
+DEMO_TASK_CHANNELS = {"binary": (1,), "multiclass": (2, 3), "multilabel": (2,)}
 
 TRAIN_FRACTION = 0.7
 DEMO_SCALE = 0.5  # the demo works on the photograph at half resolution (706 x 706)
@@ -80,33 +86,64 @@ def load_fundus(scale: float = DEMO_SCALE) -> FundusDemo:
 
 
 def random_crops(
-    demo: FundusDemo, count: int, size: int, rng: np.random.Generator, region: str = "train", flips: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` random (image, mask) crops of ``size`` from the train or held-out region.
+    demo: FundusDemo, count: int, size: int | tuple[int, int], rng: np.random.Generator, region: str = "train",
+    flips: bool = True, with_fov: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """``count`` random (image, mask) crops of ``size`` (square, or (H, W) for fixed-size models) from the train
+    or held-out region.
 
     Crops are centred inside the field of view so few are all background.
-    Returns uint8 images (N, size, size, 3) and float32 masks (N, size, size).
+    Returns uint8 images (N, ch, cw, 3) and float32 masks (N, ch, cw), and with
+    ``with_fov`` the field-of-view crops (N, ch, cw) as well.
     """
+    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     h, w = demo.vessels.shape
     x0, x1 = (0, demo.split_column) if region == "train" else (demo.split_column, w)
-    if x1 - x0 < size or h < size:
-        raise ValueError(f"region {region} ({x1 - x0}x{h}) is smaller than the crop size {size}")
-    imgs, masks = [], []
+    if x1 - x0 < cw or h < ch:
+        raise ValueError(f"region {region} ({x1 - x0}x{h}) is smaller than the crop size {ch}x{cw}")
+    imgs, masks, fovs = [], [], []
     while len(imgs) < count:
-        y = int(rng.integers(0, h - size + 1))
-        x = int(rng.integers(x0, x1 - size + 1))
-        if demo.fov[y + size // 2, x + size // 2] == 0:
+        y = int(rng.integers(0, h - ch + 1))
+        x = int(rng.integers(x0, x1 - cw + 1))
+        if demo.fov[y + ch // 2, x + cw // 2] == 0:
             continue
-        im = demo.image[y : y + size, x : x + size]
-        m = demo.vessels[y : y + size, x : x + size]
+        im = demo.image[y : y + ch, x : x + cw]
+        m = demo.vessels[y : y + ch, x : x + cw]
+        f = demo.fov[y : y + ch, x : x + cw]
         if flips:
             if rng.random() < 0.5:
-                im, m = im[:, ::-1], m[:, ::-1]
+                im, m, f = im[:, ::-1], m[:, ::-1], f[:, ::-1]
             if rng.random() < 0.5:
-                im, m = im[::-1], m[::-1]
+                im, m, f = im[::-1], m[::-1], f[::-1]
         imgs.append(np.ascontiguousarray(im))
         masks.append(np.ascontiguousarray(m, dtype=np.float32))
+        fovs.append(np.ascontiguousarray(f))
+    if with_fov:
+        return np.stack(imgs), np.stack(masks), np.stack(fovs)
     return np.stack(imgs), np.stack(masks)
+
+
+def task_labels(task: str, channels: int, vessels: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """The demo's labels for a model whose output means ``task`` with ``channels`` channels.
+
+    * binary (1 channel): vessels -> float32 (N, 1, H, W);
+    * multiclass, 2 classes: background, vessel; 3 classes: outside the
+      field of view, retina, vessel -> int64 class map (N, H, W);
+    * multilabel, 2 labels: vessel, field of view -> float32 (N, 2, H, W).
+
+    ``vessels`` and ``fov`` are (N, H, W) masks.  Other combinations have no
+    labels in the demo data (a regression output, 4+ classes): ValueError.
+    """
+    v, f = np.asarray(vessels) > 0.5, np.asarray(fov) > 0.5
+    if task == "binary" and channels == 1:
+        return v[:, None].astype(np.float32)
+    if task == "multiclass" and channels in (2, 3):
+        labels = v.astype(np.int64) if channels == 2 else np.where(v, 2, np.where(f, 1, 0)).astype(np.int64)
+        return labels
+    if task == "multilabel" and channels == 2:
+        return np.stack([v, f], axis=1).astype(np.float32)
+    valid = "; ".join(f"{t}: {', '.join(map(str, c))} channel(s)" for t, c in DEMO_TASK_CHANNELS.items())
+    raise ValueError(f"the fundus demo has no labels for a {task} output with {channels} channel(s) ({valid})")
 
 
 def holdout_region(demo: FundusDemo, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ slower than one dense conv on a target.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from sfedge.errors import LayerError
 from sfedge.nn.cost import macs_by_module
 from sfedge.nn.sfconv import SFConv2d
 
-__all__ = ["factorize", "fold", "FactorizeReport", "LayerChange", "eligible"]
+__all__ = ["factorize", "fold", "FactorizeReport", "LayerChange", "eligible", "factorized_ranks"]
 
 
 @dataclass
@@ -72,7 +72,9 @@ class FactorizeReport:
 
 def eligible(conv: nn.Module) -> str | None:
     """Why ``conv`` cannot be factorized, or None when it can."""
-    if not isinstance(conv, nn.Conv2d) or isinstance(conv, nn.ConvTranspose2d):
+    if isinstance(conv, nn.ConvTranspose2d):
+        return "transposed conv (kept dense)"
+    if not isinstance(conv, nn.Conv2d):
         return "not a Conv2d"
     if conv.groups != 1:
         return f"grouped (groups={conv.groups})"
@@ -107,25 +109,40 @@ def factorize(
     s: float | None = 0.25,
     *,
     rank: int | None = None,
+    ranks: Mapping[str, int] | None = None,
     skip: Iterable[str] | Callable[[str, nn.Module], bool] = (),
     input_shape: Sequence[int] | None = None,
 ) -> FactorizeReport:
     """Replace every eligible Conv2d of ``model`` (in place) by an SFConv2d initialised from it.
 
-    ``skip`` takes glob patterns of module names (``"encoder.0.*"``) or a
-    predicate ``(name, module) -> bool``.  With ``input_shape`` (N, C, H, W) the
-    table also has MACs before and after.  Returns the per-layer table.
+    Give one of ``s`` (rank ratio), ``rank`` (one rank for every layer) or
+    ``ranks`` ({layer name: rank}: exactly those layers, as a checkpoint
+    records them to rebuild a factorized model).  ``skip`` takes glob patterns
+    of module names (``"encoder.0.*"``) or a predicate ``(name, module) ->
+    bool``.  With ``input_shape`` (N, C, H, W) the table also has MACs before
+    and after.  Returns the per-layer table; transposed convs, 1x1 and grouped
+    convs are listed as kept dense, with the reason.
     """
-    if (s is None) == (rank is None):
-        raise LayerError("give exactly one of s or rank", "e.g. factorize(model, s=0.25)")
+    if ranks is not None:
+        s = rank = None
+    elif (s is None) == (rank is None):
+        raise LayerError("give exactly one of s, rank or ranks", "e.g. factorize(model, s=0.25)")
     report = FactorizeReport(params_before=_params(model))
     before = macs_by_module(model, input_shape) if input_shape is not None else {}
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not _inside_sfconv(model, n)]
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and not _inside_sfconv(model, n)]
+    if ranks is not None:
+        unknown = sorted(set(ranks) - {n for n, _ in targets})
+        if unknown:
+            raise LayerError(f"no Conv2d named {', '.join(unknown[:3])} in this model",
+                             "the ranks come from a checkpoint of a different architecture")
     changed: list[tuple[str, nn.Module]] = []
     for name, conv in targets:
         reason = eligible(conv)
         if reason is None and _matches(name, skip, conv):
             reason = "skipped by request"
+        if reason is None and ranks is not None and name not in ranks:
+            reason = "not factorized in the recorded model"
         if reason is not None:
             report.rows.append(
                 LayerChange(
@@ -134,7 +151,7 @@ def factorize(
                 )
             )
             continue
-        new = SFConv2d.from_dense(conv, s=s, rank=rank)
+        new = SFConv2d.from_dense(conv, s=s, rank=ranks[name] if ranks is not None else rank)
         _replace(model, name, new)
         changed.append((name, new))
         report.rows.append(
@@ -179,3 +196,8 @@ def fold(model: nn.Module, only: Iterable[str] | Callable[[str, SFConv2d], bool]
         _replace(model, name, m.to_dense())
         names.append(name)
     return names
+
+
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    """{module name: rank} of every SFConv2d in ``model``: what rebuilds its structure (``factorize(..., ranks=)``)."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, SFConv2d)}

@@ -17,6 +17,7 @@ from typing import Any
 from sfedge.console import table
 from sfedge.errors import ConfigError
 from sfedge.fileio import atomic_dir, write_json
+from sfedge.profile.emulation import EMULATED_LABEL
 from sfedge.profile.plots import plot_compare
 from sfedge.profile.report import Report, load_report
 from sfedge.profile.stats import CV_WARNING
@@ -43,7 +44,8 @@ class Comparison:
 
     def grid(self) -> tuple[list[str], list[list[Any]]]:
         """(header, rows): one row per comparison or configuration, one column per device."""
-        header = ["measured", *self.devices]
+        emulated = {r["device"] for r in [*self.pairs, *self.summary] if r.get("emulated")}
+        header = ["measured", *[f"{d} ({EMULATED_LABEL})" if d in emulated else d for d in self.devices]]
         rows: list[list[Any]] = []
         for name in dict.fromkeys(f"{p['candidate']} vs {p['baseline']}" for p in self.pairs):
             cells = {p["device"]: f"{p['speedup']:.2f}x [{p['speedup_low']:.2f}, {p['speedup_high']:.2f}]"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sfedge.errors import install_hint
+from sfedge.profile.emulation import EMULATED_LABEL
 from sfedge.profile.stats import pareto_front
 from sfedge.profile.types import Measurement
 
@@ -48,23 +49,24 @@ def _serialised(draw: Callable[..., str | None]) -> Callable[..., str | None]:
 
 @_serialised
 def write_report_plots(device: str, measurements: Sequence[Measurement], pairs: Sequence[dict[str, Any]],
-                       folder: Path) -> str | None:
+                       folder: Path, caption: str = "") -> str | None:
     """latency.png, speedup.png (when paired) and memory.png into ``folder``; a note if matplotlib is missing.
 
-    ``pairs`` are the report's pair rows (:func:`sfedge.profile.tables.pair_rows`).
+    ``pairs`` are the report's pair rows (:func:`sfedge.profile.tables.pair_rows`); ``caption`` is appended to
+    the latency titles (e.g. that they were measured under emulation).
     """
     try:
         plt = _pyplot()
     except ImportError:
         return MISSING_NOTE
-    _latency(plt, device, measurements, folder / "latency.png")
+    _latency(plt, device, measurements, folder / "latency.png", caption)
     if pairs:
-        _speedup(plt, device, pairs, folder / "speedup.png")
+        _speedup(plt, device, pairs, folder / "speedup.png", caption)
     _memory(plt, device, measurements, folder / "memory.png")
     return None
 
 
-def _latency(plt: Any, device: str, measurements: Sequence[Measurement], path: Path) -> None:
+def _latency(plt: Any, device: str, measurements: Sequence[Measurement], path: Path, caption: str = "") -> None:
     """Latency distribution per configuration, one panel per precision (box + every sample as a dot)."""
     groups: dict[str, list[Any]] = {}
     for m in measurements:
@@ -86,13 +88,13 @@ def _latency(plt: Any, device: str, measurements: Sequence[Measurement], path: P
             ax.set_xscale("log")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("latency per inference (ms)")
-    fig.suptitle(f"{device}: latency distribution", fontsize=10)
+    fig.suptitle(f"{device}: latency distribution{caption}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _speedup(plt: Any, device: str, rows: Sequence[dict[str, Any]], path: Path) -> None:
+def _speedup(plt: Any, device: str, rows: Sequence[dict[str, Any]], path: Path, caption: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
     y = list(range(len(rows)))
     vals = [r["speedup"] for r in rows]
@@ -105,7 +107,7 @@ def _speedup(plt: Any, device: str, rows: Sequence[dict[str, Any]], path: Path) 
                 va="center", fontsize=8)
     ax.set_xlim(0, max(r["speedup_high"] for r in rows) * 1.3)
     ax.set_xlabel(f"speedup = median(baseline) / median(candidate), {rows[0]['confidence']:.0%} bootstrap CI")
-    ax.set_title(f"{device}: paired speedup", fontsize=10)
+    ax.set_title(f"{device}: paired speedup{caption}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -166,7 +168,9 @@ def plot_compare(pairs: Sequence[dict[str, Any]], summaries: Sequence[dict[str, 
     ax.set_xscale("log")
     ax.set_xlabel("median latency (ms, log scale)")
     ax.legend(fontsize=7)
-    fig.suptitle("sfedge compare: " + ", ".join(devices), fontsize=10)
+    emulated = {r["device"] for r in [*pairs, *summaries] if r.get("emulated")}
+    fig.suptitle("sfedge compare: " + ", ".join(f"{d} ({EMULATED_LABEL})" if d in emulated else d for d in devices),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

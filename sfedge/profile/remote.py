@@ -16,6 +16,7 @@ KEY=VALUE`` adds ``-o KEY=VALUE`` to both.  For each host:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from sfedge.progress import Progress
 
 __all__ = [
     "RemoteOptions", "RemoteResult", "Missing", "profile_remote", "probe_host", "missing_requirements", "PROBE",
-    "check_host",
+    "SSHHost", "remote_bundles", "remote_names", "host_labels", "check_host", "check_no_links",
 ]
 
 CORE_MODULES = ("numpy", "psutil", "rich")
@@ -134,15 +135,20 @@ def check_no_links(folder: Path) -> None:
                                   "remove it (or rebuild the bundle) before copying it to a device")
 
 
-class _Host:
-    """ssh/scp to one host with the shared options; every failure becomes a RemoteError naming the step."""
+class SSHHost:
+    """ssh/scp to one host with the shared options; every failure becomes a RemoteError naming the step.
+
+    The host is checked (:func:`check_host`) and ``--`` precedes it in every
+    call, so no host name can reach ssh or scp as an option.
+    """
 
     def __init__(self, host: str, options: RemoteOptions) -> None:
         self.host, self.options = check_host(host), options
         self.args = options.ssh_args()
 
-    def ssh(self, command: str, what: str, timeout: float | None = None) -> str:
-        return self._call(["ssh", *self.args, "--", self.host, command], what, timeout)
+    def ssh(self, command: str, what: str, timeout: float | None = None, ok: Sequence[int] = (0,)) -> str:
+        """Run ``command`` there; its stdout (a RemoteError naming ``what`` for exit codes not in ``ok``)."""
+        return self._call(["ssh", *self.args, "--", self.host, command], what, timeout, ok)
 
     def put(self, local: Sequence[Path], remote: str, what: str) -> None:
         for p in local:
@@ -152,14 +158,14 @@ class _Host:
     def get(self, remote: str, local: Path, what: str) -> None:
         self._call(["scp", "-q", "-r", *self.args, "--", f"{self.host}:{remote}", str(local)], what)
 
-    def _call(self, argv: list[str], what: str, timeout: float | None = None) -> str:
+    def _call(self, argv: list[str], what: str, timeout: float | None = None, ok: Sequence[int] = (0,)) -> str:
         try:
             p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         except FileNotFoundError as err:
             raise RemoteError(f"'{argv[0]}' is not installed here", "install the OpenSSH client (apt install openssh-client)") from err
         except subprocess.TimeoutExpired as err:
             raise RemoteError(f"{self.host}: {what} timed out after {timeout:.0f} s", "check the host is up") from err
-        if p.returncode != 0:
+        if p.returncode not in ok:
             lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
             detail = lines[-1] if lines else f"exit code {p.returncode}"
             hint = ("check `ssh HOST` works without a password prompt (keys, ~/.ssh/config, --ssh-option)"
@@ -179,7 +185,7 @@ def probe_host(host: str, options: RemoteOptions, backends: Sequence[str] = ()) 
     """What the remote Python can import: sfedge (and its version), the core modules, the runtimes of ``backends``."""
     modules = sorted({*CORE_MODULES, *(m for b in backends for m in BACKENDS[b].modules)})
     script = PROBE % json.dumps(modules)
-    out = _Host(host, options).ssh(f"{_remote_path_arg(options.python)} -c {shlex.quote(script)}",
+    out = SSHHost(host, options).ssh(f"{_remote_path_arg(options.python)} -c {shlex.quote(script)}",
                                    f"probing {options.python}", timeout=120)
     try:
         return json.loads(out.strip().splitlines()[-1])
@@ -257,9 +263,9 @@ def profile_remote(
             raise RemoteError(f"{p} does not exist", "give bundle folders written by `sfedge build`")
         check_no_links(p)
     backends = sorted({s.backend for p in paths for s in subjects_from(p, backend)})
-    names = _remote_names(paths)
+    names = remote_names(paths)
     lock_progress = _ThreadSafeProgress(progress, len(hosts))
-    labels = _host_labels(hosts)
+    labels = host_labels(hosts)
     for label in labels.values():
         check_output_dir(out / label, OUTPUT_KIND)  # refused now, not after the devices have been measured
 
@@ -285,7 +291,41 @@ def profile_remote(
 def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_bundles: int, backend: str | None,
                  backends: list[str], config: MeasureConfig, out: Path, options: RemoteOptions, plots: bool,
                  result: RemoteResult, say: Progress) -> None:
-    remote = _Host(host, options)
+    with remote_bundles(host, label, paths, names, backends, options, result, say) as (remote, run_dir, py):
+        argv = [f"bundles/{n}" for n in names[:n_bundles]]
+        for n in names[n_bundles:]:
+            argv += ["--pair", f"bundles/{n}"]
+        if backend:
+            argv += ["--backend", backend]
+        argv += config.to_argv()
+        argv += ["-o", "report", "--device", label, "--no-plots", "--json"]
+        say("profiling", 0.3)
+        remote.ssh(f"cd {shlex.quote(run_dir)} && {py} -m sfedge.cli profile {' '.join(shlex.quote(a) for a in argv)}",
+                   "profiling")
+        say("fetching the report", 0.9)
+        with tempfile.TemporaryDirectory(prefix="sfedge-remote-") as tmp:
+            remote.get(f"{run_dir}/report", Path(tmp) / "report", "copying the report back")
+
+            report = load_report(Path(tmp) / "report")
+        report.host["ssh"] = host
+        report.notes += [n for n in result.notes if n not in report.notes]
+        result.report_dir = out / label
+        report.write(result.report_dir, plots=plots)
+        say("done", 1.0)
+
+
+@contextlib.contextmanager
+def remote_bundles(host: str, label: str, paths: Sequence[Path], names: Sequence[str], backends: Sequence[str],
+                   options: RemoteOptions, result: RemoteResult, say: Progress) -> Iterator[tuple[SSHHost, str, str]]:
+    """A work folder on ``host`` holding ``paths`` as ``bundles/<name>``, with sfedge and the runtimes of
+    ``backends`` importable by ``options.python`` there; yields (host, work folder, quoted remote python).
+
+    The one place that probes a host, installs what is missing (only with
+    ``options.install``; otherwise a RemoteError with the exact pip command),
+    copies bundles and cleans up afterwards (unless ``options.keep``), so
+    profiling and on-device verification reach devices the same way.
+    """
+    remote = SSHHost(host, options)
     say("probing", 0.05)
     result.probe = probe_host(host, options, backends)
     missing = missing_requirements(result.probe, backends)
@@ -308,26 +348,7 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
         say("copying bundles", 0.2)
         for path, name in zip(paths, names):
             remote.put([path], f"{run_dir}/bundles/{name}", f"copying {path.name}")
-        argv = [f"bundles/{n}" for n in names[:n_bundles]]
-        for n in names[n_bundles:]:
-            argv += ["--pair", f"bundles/{n}"]
-        if backend:
-            argv += ["--backend", backend]
-        argv += config.to_argv()
-        argv += ["-o", "report", "--device", label, "--no-plots", "--json"]
-        say("profiling", 0.3)
-        remote.ssh(f"cd {shlex.quote(run_dir)} && {safe_py} -m sfedge.cli profile {' '.join(shlex.quote(a) for a in argv)}",
-                   "profiling")
-        say("fetching the report", 0.9)
-        with tempfile.TemporaryDirectory(prefix="sfedge-remote-") as tmp:
-            remote.get(f"{run_dir}/report", Path(tmp) / "report", "copying the report back")
-
-            report = load_report(Path(tmp) / "report")
-        report.host["ssh"] = host
-        report.notes += [n for n in result.notes if n not in report.notes]
-        result.report_dir = out / label
-        report.write(result.report_dir, plots=plots)
-        say("done", 1.0)
+        yield remote, run_dir, safe_py
     finally:
         if not options.keep:
             try:
@@ -336,7 +357,7 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
                 pass
 
 
-def _install(remote: _Host, run_dir: str, py: str, wheel: bool, requirements: list[str]) -> list[str]:
+def _install(remote: SSHHost, run_dir: str, py: str, wheel: bool, requirements: list[str]) -> list[str]:
     """pip-install on the remote: this sfedge as a wheel (when ``wheel``) and ``requirements``, nothing else."""
     reqs = list(requirements)
     if wheel:
@@ -379,7 +400,7 @@ def _version_at_least(version: object, minimum: tuple[int, ...]) -> bool:
         return False
 
 
-def _remote_names(paths: Sequence[Path]) -> list[str]:
+def remote_names(paths: Sequence[Path]) -> list[str]:
     """Safe, unique folder names for the copied bundles."""
     names: list[str] = []
     for p in paths:
@@ -391,7 +412,7 @@ def _remote_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def _host_labels(hosts: Sequence[str]) -> dict[str, str]:
+def host_labels(hosts: Sequence[str]) -> dict[str, str]:
     """Report/device names per host: the host part of USER@HOST, made file-name safe and unique."""
     labels: dict[str, str] = {}
     for h in hosts:

@@ -24,6 +24,7 @@ import sfedge
 from sfedge.console import fmt_bytes, table
 from sfedge.errors import SfedgeError
 from sfedge.fileio import atomic_dir, read_schema_json, write_json
+from sfedge.profile.emulation import EMULATED_LABEL, emulation_info, latency_caption
 from sfedge.profile.plots import write_report_plots
 from sfedge.profile.stats import CV_WARNING
 from sfedge.profile.tables import markdown_page, markdown_table, pair_rows, summary_rows, write_csv
@@ -56,6 +57,9 @@ class Report:
         """A report stamped with this host's facts and the time now; notes gathered from the measurements."""
         host = host_info()
         gathered = list(notes or [])
+        if host.get("emulated"):
+            gathered.append(f"measured under emulation ({', '.join(host['emulation']['detected_by'])}): every latency "
+                            f"here is {EMULATED_LABEL}; it checks the device path, never the device's speed")
         noisy = [f"{m.label} ({m.summary.cv:.0%})" for m in measurements if m.summary.noisy]
         if noisy:
             gathered.append(f"coefficient of variation above {CV_WARNING:.0%} for {', '.join(noisy)}: the machine is "
@@ -70,11 +74,11 @@ class Report:
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One flat row per measurement (:func:`sfedge.profile.tables.summary_rows`)."""
-        return summary_rows(self.device, self.measurements)
+        return summary_rows(self.device, self.measurements, emulated=bool(self.host.get("emulated")))
 
     def pair_rows(self) -> list[dict[str, Any]]:
         """One flat row per paired comparison (:func:`sfedge.profile.tables.pair_rows`)."""
-        return pair_rows(self.device, self.measurements, self.pairings)
+        return pair_rows(self.device, self.measurements, self.pairings, emulated=bool(self.host.get("emulated")))
 
     def measurement(self, label: str) -> Measurement:
         for m in self.measurements:
@@ -108,7 +112,8 @@ class Report:
         folder = Path(folder)
         with atomic_dir(folder, kind=OUTPUT_KIND) as tmp:
             if plots:  # first, so a "no matplotlib" note reaches every file
-                note = write_report_plots(self.device, self.measurements, self.pair_rows(), tmp)
+                note = write_report_plots(self.device, self.measurements, self.pair_rows(), tmp,
+                                          caption=latency_caption(self.host))
                 if note and note not in self.notes:
                     self.notes.append(note)
             write_json(tmp / REPORT_JSON, self.as_dict())
@@ -135,7 +140,7 @@ class Report:
             "CIs).", "",
         ]
         if self.pairings:
-            lines += ["## Paired comparisons (alternating A B B A ...)", ""]
+            lines += [f"## Paired comparisons (alternating A B B A ...){latency_caption(h)}", ""]
             rows = self.pair_rows()
             lines += markdown_table(
                 ["candidate", "baseline", "median A ms", "median B ms", "speedup B/A", f"{_ci_pct(self)} CI", "rounds"],
@@ -143,7 +148,7 @@ class Report:
                   f"{r['speedup']:.3f}x", f"[{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
                  for r in rows])
             lines.append("")
-        lines += ["## Latency (ms)", ""]
+        lines += [f"## Latency (ms){latency_caption(h)}", ""]
         lines += markdown_table(
             ["configuration", "n", "min", "median", "mean", "p90", "p99", "std", "CV", "process spread", "load ms",
              "first ms"],
@@ -172,13 +177,14 @@ class Report:
         out = []
         if self.pairings:
             out.append(table(
-                f"{self.device}: paired runs (A B B A ...), speedup = median B / median A, {_ci_pct(self)} bootstrap CI",
+                f"{self.device}: paired runs (A B B A ...), speedup = median B / median A, {_ci_pct(self)} bootstrap CI"
+                f"{latency_caption(self.host)}",
                 ["candidate (A)", "baseline (B)", "median A ms", "median B ms", "speedup [CI]", "rounds"],
                 [[r["candidate"], r["baseline"], r["median_candidate_ms"], r["median_baseline_ms"],
                   f"{r['speedup']:.3f}x [{r['speedup_low']:.3f}, {r['speedup_high']:.3f}]", r["rounds"]]
                  for r in self.pair_rows()]))
         out.append(table(
-            f"{self.device}: latency (ms) and memory",
+            f"{self.device}: latency (ms) and memory{latency_caption(self.host)}",
             ["configuration", "median", "p90", "p99", "CV", "load", "1st run", "peak RSS", "file"],
             [[r["label"], r["median_ms"], r["p90_ms"], r["p99_ms"], f"{r['cv']:.1%}", r["load_ms"], r["first_ms"],
               fmt_bytes(r["peak_rss_steady"]), fmt_bytes(r["artifact_bytes"])] for r in self.summary_rows()],
@@ -217,6 +223,7 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(), "sfedge": sfedge.__version__, "cpu_count": os.cpu_count(),
         "memory_bytes": psutil.virtual_memory().total, "cpu": _cpu_model(),
     }
+    info.update(emulation_info())  # emulated: true (and how it was seen) under QEMU user mode
     try:
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:

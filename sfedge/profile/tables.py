@@ -17,8 +17,9 @@ from sfedge.profile.types import Measurement, Pairing
 __all__ = ["summary_rows", "pair_rows", "write_csv", "markdown_table", "markdown_page", "nest_markdown"]
 
 
-def summary_rows(device: str, measurements: Sequence[Measurement]) -> list[dict[str, Any]]:
-    """One flat row per measurement (the CSV and the tables are built from these)."""
+def summary_rows(device: str, measurements: Sequence[Measurement], *, emulated: bool = False) -> list[dict[str, Any]]:
+    """One flat row per measurement (the CSV and the tables are built from these); ``emulated``: measured under an
+    emulator, so no latency here is the device's."""
     rows = []
     for m in measurements:
         s = m.summary
@@ -32,13 +33,14 @@ def summary_rows(device: str, measurements: Sequence[Measurement]) -> list[dict[
             "rss_before_load": mem.get("rss_before_load"), "rss_after_load": mem.get("rss_after_load"),
             "rss_after_first": mem.get("rss_after_first"), "peak_rss_steady": mem.get("peak_rss_steady"),
             "peak_rss_lifetime": mem.get("peak_rss_lifetime"), "artifact_bytes": m.artifact_bytes,
-            "s": m.meta.get("s"), "artifact": m.artifact,
+            "s": m.meta.get("s"), "artifact": m.artifact, "emulated": emulated,
         })
     return rows
 
 
-def pair_rows(device: str, measurements: Sequence[Measurement], pairings: Sequence[Pairing]) -> list[dict[str, Any]]:
-    """One flat row per paired comparison."""
+def pair_rows(device: str, measurements: Sequence[Measurement], pairings: Sequence[Pairing], *,
+              emulated: bool = False) -> list[dict[str, Any]]:
+    """One flat row per paired comparison (``emulated`` as in :func:`summary_rows`)."""
     by_label = {m.label: m for m in measurements}
     rows = []
     for p in pairings:
@@ -48,7 +50,7 @@ def pair_rows(device: str, measurements: Sequence[Measurement], pairings: Sequen
             "precision": a.precision, "median_candidate_ms": a.summary.median, "median_baseline_ms": b.summary.median,
             "ratio": p.ratio.ratio, "ratio_low": p.ratio.low, "ratio_high": p.ratio.high,
             "speedup": p.ratio.speedup, "speedup_low": p.ratio.speedup_low, "speedup_high": p.ratio.speedup_high,
-            "confidence": p.ratio.confidence, "rounds": p.rounds, "block": p.block,
+            "confidence": p.ratio.confidence, "rounds": p.rounds, "block": p.block, "emulated": emulated,
         })
     return rows
 

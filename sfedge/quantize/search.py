@@ -83,7 +83,7 @@ class LayerSensitivity:
     max_abs: float
     mean_abs: float
     cosine: float
-    dice_agreement: float
+    dice_agreement: float | None  # None where the probe samples' masks cannot be judged
     samples: int
     cost: float = 0.0
 

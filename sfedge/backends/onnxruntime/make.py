@@ -42,12 +42,12 @@ __all__ = ["make", "ort_scorer", "PRECISIONS"]
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
-def ort_scorer(threads: int | None = None) -> Scorer:
-    """A scorer that runs an ONNX file in ONNX Runtime (CPU) at ``threads`` and compares it with a reference."""
+def ort_scorer(threads: int | None = None, task: str = "binary") -> Scorer:
+    """A scorer that runs an ONNX file in ONNX Runtime (CPU) at ``threads`` and judges it for ``task``."""
 
     def score(path: Path, inputs: np.ndarray, reference: np.ndarray) -> Parity:
         with OnnxRuntimeRunner(path, threads=threads) as runner:
-            return measure(runner, inputs, reference)
+            return measure(runner, inputs, reference, task)
 
     return score
 
@@ -78,7 +78,7 @@ def make(
     stem = f"{source.name}-{source.weights_sha256[:8]}"
     holdout = calibration.holdout
     reference = source.reference(holdout)
-    score = ort_scorer(target.threads)
+    score = ort_scorer(target.threads, source.task)
     fp32 = export_onnx(source, workdir / f"{stem}.onnx", score=score, tolerance=target.tolerance("fp32"),
                        check_inputs=holdout, progress=scaled(progress, 0.0, 0.3))
     if precision == "fp32":

@@ -1,6 +1,6 @@
 """``python -m sfedge.backends.tensorrt FOLDER``: build a device folder's engine on the device.
 
-For a Jetson with TensorRT's Python bindings and numpy but no torch (and no
+For a Jetson with TensorRT's Python bindings, Polygraphy and numpy but no torch (and no
 `sfedge build` wiring): reads the folder's build.json, checks the device's
 TensorRT release and GPU, builds through the engine cache, prints one line.
 """

@@ -4,7 +4,7 @@ The workstation writes the folder (:mod:`.make`); on the Jetson,
 :func:`build_from_folder` checks the device's TensorRT release and GPU,
 re-hashes the ONNX it builds from, and builds the engine through the engine
 cache (:mod:`.engine_cache`) with :func:`sfedge.backends.tensorrt.builder.build_engine`.
-Needs numpy and TensorRT's Python bindings only.
+Needs numpy, Polygraphy and TensorRT's Python bindings only.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sfedge.artifact import Artifact, TensorSpec
-from sfedge.backends.tensorrt.builder import build_engine
+from sfedge.backends.tensorrt.builder import build_engine, build_options
 from sfedge.backends.tensorrt.engine_cache import EngineCache, engine_cache_key
 from sfedge.backends.tensorrt.gpu import GpuInfo, detect_gpu
 from sfedge.errors import BackendUnavailable, BundleError, ConfigError, MalformedBundleError
@@ -49,7 +49,7 @@ def read_plan(folder: str | Path) -> dict[str, Any]:
     hint = "give the folder `sfedge build` wrote for a Jetson target"
     if not path.is_file():
         raise MalformedBundleError(f"{folder} is not a TensorRT device folder (no {PLAN_FILE})", hint)
-    plan = read_json_bytes(read_limited(path, MAX_PLAN_BYTES, MalformedBundleError, hint), path, MalformedBundleError,
+    plan: Any = read_json_bytes(read_limited(path, MAX_PLAN_BYTES, MalformedBundleError, hint), path, MalformedBundleError,
                            hint)
     if not isinstance(plan, dict) or plan.get("format") != FOLDER_FORMAT:
         raise MalformedBundleError(f"{path} is not a {FOLDER_FORMAT} plan", "rebuild the folder with this sfedge version")
@@ -88,7 +88,7 @@ def build_from_folder(
     plan = read_plan(folder)
     gpu = gpu or detect_gpu()
     why = gpu.mismatch(plan["tensorrt"], plan["sm"]) if gpu is not None else "no CUDA GPU with TensorRT here"
-    if why is not None:
+    if gpu is None or gpu.tensorrt is None or why is not None:
         raise BackendUnavailable(f"cannot build the engine in {folder.name} on this machine: {why}",
                                  f"run it on a {plan['target']} device, or run {SCRIPT} there")
     step = plan.get("fallback") if use_fallback else plan
@@ -100,7 +100,8 @@ def build_from_folder(
             raise BundleError(f"{folder / name} does not match {PLAN_FILE}", "copy the whole folder again")
     shapes = {t["name"]: t["shape"] for t in plan["inputs"]}
     options = {"strongly_typed": plan["strongly_typed"], "workspace_mb": plan["workspace_mb"],
-               "implicit_int8_cache": plan["sha256"].get(cache_name) if cache_name else None, "tf32": False}
+               "implicit_int8_cache": plan["sha256"].get(cache_name) if cache_name else None,
+               "tf32": build_options(gpu.tensorrt, plan["precision"], plan["strongly_typed"]).tf32}
     key = engine_cache_key(onnx_sha256=plan["sha256"][onnx_name], tensorrt_version=gpu.tensorrt, gpu_name=gpu.name,
                            sm=gpu.sm, precision=plan["precision"], input_shapes=shapes, builder_options=options)
     cache = engine_cache or EngineCache()

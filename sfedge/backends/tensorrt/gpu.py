@@ -23,7 +23,7 @@ from typing import Any
 from sfedge.backends.tensorrt.version import version_matches
 from sfedge.isolation import neutral_cwd, python_argv
 
-__all__ = ["GpuInfo", "detect_gpu", "PROBE"]
+__all__ = ["GpuInfo", "DeviceReport", "detect_gpu", "probe_device", "PROBE"]
 
 # Runs in the child.  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR are 75/76 in cuda.h.
 PROBE = r"""
@@ -61,12 +61,23 @@ if cuda is not None and cuda.cuInit(0) == 0:
         cuda.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
         out["gpu"] = {"name": name.value.decode(errors="replace"), "sm": major.value * 10 + minor.value,
                       "memory_bytes": total.value, "cuda_driver": driver.value, "count": n.value}
-if out["gpu"] is not None:
+        ctx, free, total2 = ctypes.c_void_p(), ctypes.c_size_t(0), ctypes.c_size_t(0)
+        if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0:
+            if cuda.cuCtxSetCurrent(ctx) == 0 and cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total2)) == 0:
+                out["gpu"]["free_memory_bytes"] = free.value
+            cuda.cuDevicePrimaryCtxRelease(dev)
+try:  # importing is safe without a GPU; creating TensorRT objects is not
+    import tensorrt as trt
+    out["tensorrt"] = str(trt.__version__)
+except Exception as e:
+    out["tensorrt_error"] = f"{type(e).__name__}: {e}"
+if out["gpu"] is not None and out["tensorrt"] is not None:
     try:
-        import tensorrt as trt
-        out["tensorrt"] = trt.__version__
-        if trt.Builder(trt.Logger(trt.Logger.ERROR)) is None:
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+        if builder is None:
             out["tensorrt_error"] = "trt.Builder() returned None"
+        else:
+            out["gpu"]["dla_cores"] = int(builder.num_DLA_cores)
     except Exception as e:
         out["tensorrt_error"] = f"{type(e).__name__}: {e}"
 print("SFEDGE-GPU-PROBE " + json.dumps(out))
@@ -86,6 +97,8 @@ class GpuInfo:
     tensorrt_error: str | None = None
     jetson_model: str | None = None
     l4t: str | None = None
+    dla_cores: int | None = None  # None: TensorRT could not be asked
+    free_memory_bytes: int | None = None  # cuMemGetInfo; on a Jetson, what the shared RAM has free
 
     @property
     def is_jetson(self) -> bool:
@@ -121,24 +134,50 @@ def _run_probe(code: str, timeout: float) -> dict[str, Any] | None:
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
             try:
-                return json.loads(line[len(_MARK):])
+                report: dict[str, Any] = json.loads(line[len(_MARK):])
             except json.JSONDecodeError:
                 return None
+            return report
     return None
 
 
-def detect_gpu(timeout: float = 60.0) -> GpuInfo | None:
-    """The CUDA GPU of this machine with its TensorRT version, or None when there is no usable GPU.
+@dataclass(frozen=True)
+class DeviceReport:
+    """Everything the probe saw, GPU or not: what `sfedge doctor` reports when there is nothing to build on."""
+
+    gpu: GpuInfo | None
+    tensorrt: str | None  # the version of the `tensorrt` module the probe imported
+    tensorrt_error: str | None  # why importing it (or creating a Builder) failed
+    jetson_model: str | None = None
+    l4t: str | None = None
+    probe_failed: bool = False  # the child crashed, hung or printed no report
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_device(timeout: float = 60.0) -> DeviceReport:
+    """What this machine has: Jetson facts, the CUDA GPU (None when none) and TensorRT, asked in a subprocess.
 
     Why a subprocess: see the module docstring.  The timeout covers a first
     CUDA initialisation on a Jetson, which can take several seconds.
     """
     report = _run_probe(PROBE, timeout)
-    if not report or not report.get("gpu"):
-        return None
-    gpu = report["gpu"]
-    return GpuInfo(
-        name=str(gpu["name"]), sm=int(gpu["sm"]), memory_bytes=int(gpu["memory_bytes"]),
-        cuda_driver=int(gpu["cuda_driver"]), tensorrt=report.get("tensorrt"),
-        tensorrt_error=report.get("tensorrt_error"), jetson_model=report.get("jetson_model"), l4t=report.get("l4t"),
-    )
+    if not report:
+        return DeviceReport(None, None, None, probe_failed=True)
+    tensorrt, error = report.get("tensorrt"), report.get("tensorrt_error")
+    jetson, l4t = report.get("jetson_model"), report.get("l4t")
+    gpu = report.get("gpu")
+    info = None
+    if gpu:
+        info = GpuInfo(
+            name=str(gpu["name"]), sm=int(gpu["sm"]), memory_bytes=int(gpu["memory_bytes"]),
+            cuda_driver=int(gpu["cuda_driver"]), tensorrt=tensorrt, tensorrt_error=error, jetson_model=jetson, l4t=l4t,
+            dla_cores=gpu.get("dla_cores"), free_memory_bytes=gpu.get("free_memory_bytes"),
+        )
+    return DeviceReport(info, tensorrt, error, jetson, l4t)
+
+
+def detect_gpu(timeout: float = 60.0) -> GpuInfo | None:
+    """The CUDA GPU of this machine with its TensorRT version, or None when there is no usable GPU."""
+    return probe_device(timeout).gpu

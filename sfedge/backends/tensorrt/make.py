@@ -101,7 +101,7 @@ def make(
     folder = Path(workdir) / f"{source.name}-{source.weights_sha256[:8]}-tensorrt-{precision}"
     holdout = calibration.holdout
     reference = source.reference(holdout)
-    score = ort_scorer()
+    score = ort_scorer(task=source.task)
 
     with atomic_dir(folder) as out:
         tell(progress, f"exporting ONNX (opset {opset}) for TensorRT {trt}", 0.0)
@@ -185,7 +185,7 @@ def make(
     if gpu is not None and why is None:
         engine = build_from_folder(folder, engine_cache=engine_cache, progress=progress, gpu=gpu)
         with TensorRTRunner(engine.path) as runner:
-            engine.parity = measure(runner, holdout, reference)
+            engine.parity = measure(runner, holdout, reference, source.task)
         gate(engine.parity, target.tolerance(precision), f"the TensorRT engine {engine.path.name}",
              cleanup=[engine.path])
         return engine
@@ -251,8 +251,8 @@ def _device_readme(plan: dict[str, Any], model: str, command: list[str]) -> str:
         "(builds the engine, checks it against the torch outputs the bundle carries, and records it in the "
         "bundle's manifest; needs `pip install 'sfedge[runtime]'` and JetPack's TensorRT, not torch)",
         "",
-        "or, with only numpy and TensorRT's Python bindings installed, from outside the bundle (`python3 -m` "
-        "imports modules from the working folder first, so never run it inside a bundle):",
+        "or, with only numpy, Polygraphy and TensorRT's Python bindings installed, from outside the bundle "
+        "(`python3 -m` imports modules from the working folder first, so never run it inside a bundle):",
         "",
         "    cd ~ && python3 -m sfedge.backends.tensorrt /path/to/this/folder",
         "",

@@ -52,7 +52,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -120,9 +120,10 @@ _RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_f
 _RESIZE_MODES = {"nearest", "linear"}
 _RESIZE_NEAREST_MODES = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_Row = TypeVar("_Row")
 
 
-def _entry(table: dict[tuple[int, int], Any], version: tuple[int, int, int]) -> Any:
+def _entry(table: dict[tuple[int, int], _Row], version: tuple[int, int, int]) -> _Row:
     """The table row for the newest release at or below ``version`` (tables list only releases that changed)."""
     key = max(k for k in table if k <= version[:2])
     return table[key]
@@ -200,7 +201,7 @@ class _Graph:
         return node is not None and node.op_type == "QuantizeLinear" and node.input[0] in self.constants
 
     def type_name(self, elem_type: int) -> str:
-        return self._onnx.TensorProto.DataType.Name(elem_type)
+        return str(self._onnx.TensorProto.DataType.Name(elem_type))
 
 
 def _all_nodes(graph: Any) -> Iterator[Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sfedge.backends.tflite.quiet import native_stderr_silenced
+from sfedge.backends.tflite.rewrite import rewrite_for_litert
 from sfedge.errors import BackendUnavailable, ExportError, install_hint
 from sfedge.fileio import atomic_path
 from sfedge.progress import Progress
@@ -96,9 +97,11 @@ def convert_float(
 
     The file has one signature (``serving_default``) with one input and one
     output; runners find tensors through it, never by generated tensor names.
+    Patterns litert-torch cannot convert are rewritten first into equivalent
+    ones (:mod:`.rewrite`, on a copy; ``model`` is not changed).
     """
     litert_torch = _import_litert_torch()
-    model = contiguous_(model.eval())
+    model, _ = rewrite_for_litert(contiguous_(model.eval()), input_shape)
     n, c, h, w = (int(v) for v in input_shape)
     if progress:
         progress(f"litert-torch: converting {type(model).__name__} ({layout})", None)

@@ -24,8 +24,10 @@ import numpy as np
 
 from sfedge.artifact import Artifact
 from sfedge.backends.tflite.convert import cast_weights_fp16, convert_float, tflite_layout
+from sfedge.backends.tflite.fp16 import FP16_INFERENCE, FP16_NOTE, mark_fp16_inference
 from sfedge.backends.tflite.ops import op_report
 from sfedge.backends.tflite.quantize import NMF_SCOPE, LayerNamer, module_call_order, quantize_tflite, scope_layers
+from sfedge.backends.tflite.rewrite import rewrite_notes
 from sfedge.backends.tflite.runner import TFLiteRunner
 from sfedge.calibration import CalibrationSet
 from sfedge.errors import UnknownNameError
@@ -53,12 +55,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def tflite_scorer(threads: int | None, layout: str, runtime: str | None = None) -> Scorer:
-    """A scorer that runs a .tflite with the target's threads and layout and compares it with a reference."""
+def tflite_scorer(threads: int | None, layout: str, runtime: str | None = None, task: str = "binary") -> Scorer:
+    """A scorer that runs a .tflite with the target's threads and layout and judges it for ``task``."""
 
     def score(path: Path, inputs: np.ndarray, reference: np.ndarray) -> Parity:
         with TFLiteRunner(path, threads=threads, layout=layout, runtime=runtime) as runner:
-            return measure(runner, inputs, reference)
+            return measure(runner, inputs, reference, task)
 
     return score
 
@@ -108,9 +110,10 @@ def make(
     namer = LayerNamer(module_call_order(source.model, source.input_shape))
     keep_float = [NMF_SCOPE] if any(isinstance(m, NMF) for m in source.model.modules()) else []
     notes: list[str] = []
-    score = tflite_scorer(target.threads, layout, runtime)
+    score = tflite_scorer(target.threads, layout, runtime, source.task)
     holdout = (calibration.holdout, source.reference(calibration.holdout))
 
+    notes.extend(rewrite_notes(source.model))
     float_path = float_tflite(source, layout, workdir, progress=progress)
     tell(progress, "checking the fp32 conversion against torch")
     fp32_parity = gate(score(float_path, *holdout), target.tolerance("fp32"),
@@ -128,8 +131,13 @@ def make(
         path, parity = float_path, fp32_parity
     elif precision == "fp16":
         meta["recipe"] = cast_weights_fp16(float_path, path, keep_float)
-        notes.append("fp16 weights (DEQUANTIZE to fp32 at load): runs in fp16 only on ARM cores with fp16 "
-                     "arithmetic; on x86 XNNPACK up-casts the weights and runs fp32")
+        if target.device.get("fp16_arithmetic"):  # XNNPACK computes in fp16 only when the file says so
+            meta["reduced_precision_support"] = FP16_INFERENCE
+            mark_fp16_inference(path)
+            notes.append(f"fp16 weights; {FP16_NOTE}")
+        else:
+            notes.append("fp16 weights (DEQUANTIZE to fp32 at load), computed in fp32 on every CPU: the target "
+                         "has no fp16 arithmetic, so the file carries no reduced-precision metadata")
         parity = score(path, *holdout)
     else:
         probe = calibration.calibration[:PROBE_SAMPLES]
