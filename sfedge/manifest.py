@@ -22,10 +22,10 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from sfedge.errors import MalformedBundleError
-from sfedge.parity import DEFAULT_TOLERANCES
+from sfedge.parity import DEFAULT_TOLERANCES, TASKS, TOLERANCE_KEYS
 
 __all__ = [
     "SCHEMA", "MAX_MANIFEST_BYTES", "MAX_FILES", "PRECISIONS", "SAFE_NAME", "Manifest", "validate_manifest",
@@ -116,10 +116,9 @@ class FileEntry(_Strict):
     size: int = Field(ge=0)
 
 
-class ToleranceEntry(_Strict):
-    max_abs: Annotated[Finite, Field(ge=0)] | None = None
-    cosine: Annotated[Finite, Field(ge=-1, le=1)] | None = None
-    dice_agreement: Annotated[Finite, Field(ge=0, le=1)] | None = None
+# One optional finite number per key sfedge.parity.Tolerance has (no other key): the keys stay in step with it.
+ToleranceEntry = create_model(  # type: ignore[call-overload]
+    "ToleranceEntry", __base__=_Strict, **{key: (Finite | None, None) for key in TOLERANCE_KEYS})
 
 
 class TensorEntry(_Strict):
@@ -166,6 +165,14 @@ class ReferenceEntry(_Open):
 
 class ModelRecord(_Open):
     name: str = Field(min_length=1, max_length=256)
+    task: Literal[TASKS] | None = None  # type: ignore[valid-type]  # decides which parity metrics apply
+
+
+class WholeImageEntry(_Open):
+    """The whole held-out image and its torch reference (``verify --whole-image``)."""
+
+    input: RelPath
+    reference: RelPath
 
 
 class OriginEntry(_Strict):
@@ -185,6 +192,7 @@ class Manifest(_Open):
     artifacts: list[ArtifactEntry] = Field(min_length=1, max_length=64)
     files: dict[RelPath, FileEntry] = Field(min_length=1, max_length=MAX_FILES)
     reference: ReferenceEntry | None = None  # every built bundle has one; verify refuses a bundle without it
+    whole_image: WholeImageEntry | None = None
     origin: OriginEntry | None = None
 
     @field_validator("reference", mode="before")
@@ -214,7 +222,9 @@ class Manifest(_Open):
             for f in a.files:
                 if f not in self.files:
                     raise ValueError(f"file {f} of artifact {a.path} is not listed in 'files'")
-        for f in (self.reference.inputs, self.reference.outputs) if self.reference is not None else ():
+        listed = [*((self.reference.inputs, self.reference.outputs) if self.reference is not None else ()),
+                  *((self.whole_image.input, self.whole_image.reference) if self.whole_image is not None else ())]
+        for f in listed:
             if f not in self.files:
                 raise ValueError(f"reference file {f} is not listed in 'files'")
         return self

@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 EXIT_CODES = {0: "PASS", 1: "FAIL", 2: "usage or setup error", 3: "not a readable, well-formed bundle"}
+# Tolerance keys that are upper bounds (a larger value is looser); every other key is a lower bound (cosine, Dice, PSNR).
+UPPER_BOUNDS = ("max_abs", "relative_max_abs")
 
 
 @dataclass
@@ -177,7 +179,7 @@ def resolve_tolerance(recorded_target: Mapping[str, Any], precision: str, instal
             continue
         if got is None:
             looser.append(f"it drops {key} (required: {want:g})")
-        elif (got > want) if key == "max_abs" else (got < want):
+        elif (got > want) if key in UPPER_BOUNDS else (got < want):
             looser.append(f"{key} {got:g} where {want:g} is required")
     return TolerancePolicy(base, source, looser)
 
