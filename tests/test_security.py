@@ -207,10 +207,10 @@ def _set(path, value):
     ("empty artifacts", _set(("artifacts",), []), 3, "artifacts: List should have at least 1 item"),
     ("unknown schema", _set(("schema",), "sfedge-bundle/99"), 3, "has schema 'sfedge-bundle/99'"),
     ("artifact sha256", _set(("artifacts", 0, "sha256"), "0" * 64), 3, "differ from its 'files' entry"),
-    ("looser tolerance", _set(("target", "tolerances"), {"fp32": {"max_abs": 1e9, "cosine": 0.0}}), 1,
-     "looser tolerance than target sec-small installed here: max_abs 1e+09 where 0.0001 is required"),
+    ("looser tolerance", _set(("target", "tolerances"), {"fp32": {"relative_max_abs": 1e9, "cosine": 0.0}}), 1,
+     "looser tolerance than target sec-small installed here: relative_max_abs 1e+09 where 0.0001 is required"),
     ("dropped tolerance key", _set(("target", "tolerances"), {"fp32": {"cosine": 0.99999}}), 1,
-     "it drops max_abs"),
+     "it drops relative_max_abs"),
 ])
 def test_crafted_manifests_fail_verify_with_their_exit_code(world, tmp_path, case, edit, code, message) -> None:
     bundle = copy_bundle(world, tmp_path / "bundle")
