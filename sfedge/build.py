@@ -34,17 +34,18 @@ from sfedge import __version__, errors
 from sfedge.artifact import Artifact
 from sfedge.backends.maker import maker
 from sfedge.backends.registry import BACKENDS
-from sfedge.bundle import MANIFEST, SCHEMA, Bundle, check_files, hash_files, load_bundle
+from sfedge.bundle import MANIFEST, SCHEMA, SIGNATURE, Bundle, check_files, hash_files, load_bundle
 from sfedge.calibration import CalibrationSet, holdout_image, load_calibration
 from sfedge.checkpoint import Checkpoint, save_checkpoint
-from sfedge.errors import CalibrationError, CheckpointError, ConfigError, SfedgeError
-from sfedge.fileio import atomic_dir, sha256_bytes, write_json, write_text
+from sfedge.errors import CalibrationError, CheckpointError, ConfigError, OutputFolderError, SfedgeError
+from sfedge.fileio import atomic_dir, atomic_path, locked, sfedge_code_sha256, sha256_bytes, write_json, write_text
 from sfedge.models import create_model, input_shape, list_models, model_entry
 from sfedge.models.specs import weights_sha256
 from sfedge.models.tiled import torch_predictor
 from sfedge.nn import count_macs, count_params, factorize, fold
 from sfedge.parity import Parity, tolerance_for
 from sfedge.progress import Progress, scaled
+from sfedge.signing import sign_bytes
 from sfedge.source import ModelSource, resolve_model
 from sfedge.targets import Target, load_target
 from sfedge.verify_on import VerifyOn
@@ -133,7 +134,8 @@ def _build_key(source: ModelSource, target: Target, precision: str, calib: Calib
     t = target.as_dict()
     t.pop("path", None)
     payload = {"model": source.metadata(), "target": t, "precision": precision, "calibration": calib.sha256,
-               "tools": tools, "options": options, "whole_image": WHOLE_IMAGE_TILING.as_dict()}
+               "tools": tools, "options": options, "whole_image": WHOLE_IMAGE_TILING.as_dict(),
+               "code": sfedge_code_sha256()}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
 
 
@@ -152,6 +154,7 @@ def build_bundle(
     force: bool = False,
     progress: Progress | None = None,
     verify_on: VerifyOn | None = None,
+    sign: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle for (model, target, precision) under ``out_dir``.
 
@@ -166,6 +169,10 @@ def build_bundle(
     every backend failing) leave no bundle folder behind.  ``verify_on``
     (:class:`sfedge.verify_on.VerifyOn`) also verifies the bundle on remote
     devices before it exists and records their parity in the manifest.
+    ``sign``: an SSH key that signs the manifest (``manifest.json.sig``,
+    :mod:`sfedge.signing`).  Concurrent builds of one bundle wait for each
+    other; the cache is used only when the existing bundle verifies in full
+    (files and manifest); only a bundle folder is ever replaced.
     """
     start = time.perf_counter()
     say = progress or (lambda message, fraction=None: None)
@@ -204,15 +211,41 @@ def build_bundle(
     tools = toolchain_versions()
     key = _build_key(source, tgt, prec, calib, tools, {"tolerances": dict(tolerances or {})})
     dest = Path(out_dir) / bundle_name(ckpt, tgt, prec)
-    if not force and (dest / MANIFEST).is_file():
-        try:
-            existing = load_bundle(dest)
-            if (existing.manifest.get("build_key") == key and check_files(existing).passed
-                    and (verify_on is None or verify_on.recorded(existing.manifest))):
-                say("up to date", 1.0)
-                return BuildResult(dest, True, existing, time.perf_counter() - start)
-        except Exception:  # an unreadable old bundle is simply rebuilt
-            pass
+    with locked(dest):  # a second build of the same bundle waits here, then finds it up to date
+        cached = None if force else _up_to_date(dest, key, sign, verify_on)
+        if cached is not None:
+            say("up to date", 1.0)
+            return BuildResult(dest, True, cached, time.perf_counter() - start)
+        if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir()
+                                      or (not (dest / MANIFEST).is_file() and any(dest.iterdir()))):
+            # Only a bundle (a folder with a manifest) is ever replaced: never a folder of the user's own files.
+            raise OutputFolderError(f"{dest} exists and is not a bundle", "move it away or choose another -o")
+        return _build(ckpt, source, tgt, prec, calib, tools, key, backends, dest, require, tolerances, verify_on,
+                      sign, say, start)
+
+
+def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None,
+                verify_on: VerifyOn | None = None) -> Bundle | None:
+    """The existing bundle at ``dest`` if it was built from ``key`` and still verifies in full (files and manifest)."""
+    if not (dest / MANIFEST).is_file():
+        return None
+    try:
+        existing = load_bundle(dest)
+    except SfedgeError:  # an unreadable or malformed old bundle is simply rebuilt
+        return None
+    if existing.manifest.get("build_key") != key or not check_files(existing).passed:
+        return None
+    if verify_on is not None and not verify_on.recorded(existing.manifest):
+        return None
+    if sign is not None and not (dest / SIGNATURE).is_file():
+        return None  # asked for a signed bundle: sign it (rebuild) rather than hand back an unsigned one
+    return existing
+
+
+def _build(ckpt: Checkpoint, source: ModelSource, tgt: Target, prec: str, calib: CalibrationSet, tools: dict[str, str],
+           key: str, backends: list[str], dest: Path, require: Sequence[str], tolerances: Mapping[str, float] | None,
+           verify_on: VerifyOn | None, sign: str | os.PathLike[str] | None, say: Progress,
+           start: float) -> BuildResult:
     hold_in = calib.holdout
     hold_ref = source.reference(hold_in)
     with atomic_dir(dest) as tmp:
@@ -254,6 +287,11 @@ def build_bundle(
         write_json(tmp / MANIFEST, manifest)
         if verify_on is not None:  # parity on the devices' own kernels; a failure there leaves no bundle
             verify_on.check(tmp, dest.name, say)
+        if sign is not None:  # last: the signature covers the manifest as it ends up
+            say("signing the manifest", 0.98)
+            signature = sign_bytes((tmp / MANIFEST).read_bytes(), sign)
+            with atomic_path(tmp / SIGNATURE) as sig:
+                sig.write_bytes(signature)
     say("done", 1.0)
     return BuildResult(dest, False, load_bundle(dest), time.perf_counter() - start)
 

@@ -17,12 +17,21 @@ Manifest (schema ``sfedge-bundle/1``)::
     artifacts:   [Artifact.as_dict() + sha256 + size] (paths relative to the bundle)
     reference:   {inputs: holdout_inputs.npy, outputs: holdout_reference.npy}
     files:       {relative path: {sha256, size}} for every file but the manifest
+    origin:      {manifest: manifest.origin.json, sha256} once a device added its engine (sfedge.device_build)
+
+A bundle is untrusted input (README: Security model): :func:`load_bundle`
+reads at most :data:`~sfedge.manifest.MAX_MANIFEST_BYTES` of strict JSON and
+validates it (:mod:`sfedge.manifest`), every path is resolved through
+:func:`~sfedge.manifest.confined`, and :func:`check_files` fails on any file
+the manifest does not list, on symlinks and on special files.  A malformed
+bundle raises :class:`~sfedge.errors.MalformedBundleError` (exit code 3).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +39,22 @@ from typing import Any
 import numpy as np
 
 from sfedge.artifact import Artifact
-from sfedge.errors import BundleError
-from sfedge.fileio import read_schema_json, sha256_file
+from sfedge.errors import BundleError, MalformedBundleError
+from sfedge.fileio import read_json_bytes, read_limited, sha256_file
+from sfedge.manifest import MAX_MANIFEST_BYTES, SCHEMA, confined, validate_manifest
 from sfedge.parity import Tolerance, tolerance_for
 
-__all__ = ["SCHEMA", "MANIFEST", "Bundle", "load_bundle", "is_bundle", "hash_files", "FileCheck"]
+__all__ = [
+    "SCHEMA", "MANIFEST", "SIGNATURE", "ORIGIN", "ORIGIN_SIGNATURE", "RESERVED", "Bundle", "load_bundle", "is_bundle",
+    "hash_files", "check_files", "FileCheck", "read_manifest",
+]
 
-SCHEMA = "sfedge-bundle/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"  # an SSH signature of manifest.json's bytes (sfedge.signing)
+ORIGIN = "manifest.origin.json"  # the manifest as built, kept when a device adds its engine
+ORIGIN_SIGNATURE = "manifest.origin.json.sig"
+RESERVED = (MANIFEST, SIGNATURE, ORIGIN, ORIGIN_SIGNATURE)  # top-level files the manifest cannot list
+_HINT = "give the folder `sfedge build` wrote, or rebuild the bundle"
 
 
 @dataclass
@@ -46,6 +63,7 @@ class Bundle:
 
     path: Path
     manifest: dict[str, Any]
+    raw: bytes = b""  # manifest.json's bytes as read: what a signature covers
 
     @property
     def model_name(self) -> str:
@@ -71,8 +89,17 @@ class Bundle:
 
     @property
     def artifacts(self) -> list[Artifact]:
-        """The artifacts with absolute paths."""
-        return [Artifact.from_dict(a, base=self.path) for a in self.manifest["artifacts"]]
+        """The artifacts with their paths joined onto the bundle folder (each confined to it)."""
+        out = []
+        for a in self.manifest["artifacts"]:
+            confined(self.path, a["path"], "artifact path")
+            for f in a.get("files", []):
+                confined(self.path, f, "artifact file")
+            try:
+                out.append(Artifact.from_dict(a, base=self.path))
+            except (KeyError, TypeError, ValueError) as e:
+                raise MalformedBundleError(f"{self.path / MANIFEST}: artifact {a.get('path')}: {e}", _HINT) from e
+        return out
 
     def artifact(self, backend: str | None = None) -> Artifact:
         """The artifact for ``backend`` (default: the first one that has a runnable file)."""
@@ -104,7 +131,9 @@ class Bundle:
         """(held-out inputs, fp32 torch outputs) stored in the bundle, as numpy arrays."""
         ref = self.manifest.get("reference") or {}
         try:
-            return np.load(self.path / ref["inputs"]), np.load(self.path / ref["outputs"])
+            inputs = confined(self.path, ref["inputs"], "reference inputs")
+            outputs = confined(self.path, ref["outputs"], "reference outputs")
+            return np.load(inputs, allow_pickle=False), np.load(outputs, allow_pickle=False)
         except (KeyError, OSError, ValueError) as e:
             raise BundleError(f"bundle {self.path} has no readable reference data ({e})", "rebuild the bundle") from e
 
@@ -114,24 +143,49 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def read_manifest(path: str | os.PathLike[str], where: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """(validated manifest dict, its bytes) of one manifest file; MalformedBundleError (exit 3) otherwise."""
+    raw = read_limited(path, MAX_MANIFEST_BYTES, MalformedBundleError, _HINT)
+    doc = read_json_bytes(raw, path, MalformedBundleError, _HINT)
+    validate_manifest(doc, where or path)
+    return doc, raw  # type: ignore[return-value]
+
+
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
-    """Read a bundle's manifest (BundleError when the folder is not a complete bundle)."""
+    """Read and validate a bundle's manifest (MalformedBundleError, exit code 3, when it is not a sound bundle)."""
     p = Path(path)
     if not p.is_dir():
-        raise BundleError(f"bundle {p} does not exist", "give the folder `sfedge build` wrote")
+        raise MalformedBundleError(f"bundle {p} does not exist", "give the folder `sfedge build` wrote")
     mf = p / MANIFEST
     if not mf.is_file():
-        raise BundleError(f"{p} is not a bundle (no {MANIFEST})", "give the folder `sfedge build` wrote; a folder "
-                          "ending in .part is an interrupted build and can be deleted")
-    return Bundle(p, read_schema_json(mf, SCHEMA, BundleError, "rebuild the bundle"))
+        raise MalformedBundleError(f"{p} is not a bundle (no {MANIFEST})", "give the folder `sfedge build` wrote; a "
+                                   "folder ending in .part is an interrupted build and can be deleted")
+    doc, raw = read_manifest(mf)
+    return Bundle(p, doc, raw)
 
 
-def hash_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, size}} for every file in ``folder`` except the manifest."""
+def _walk(folder: Path) -> list[tuple[str, Path, int]]:
+    """(relative POSIX path, path, st_mode) of everything under ``folder`` but folders; symlinks are not followed."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            p = Path(root) / name
+            mode = p.lstat().st_mode
+            if not stat.S_ISDIR(mode):
+                out.append((p.relative_to(folder).as_posix(), p, mode))
+    return sorted(out)
+
+
+def hash_files(folder: Path, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, size}} for every regular file in ``folder`` but the top-level manifest files.
+
+    ``only``: hash just these relative paths (what a device build adds).
+    """
     out = {}
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            out[str(f.relative_to(folder))] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+    for rel, p, mode in _walk(folder):
+        if rel in RESERVED or not stat.S_ISREG(mode) or (only is not None and rel not in only):
+            continue
+        out[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return out
 
 
@@ -142,27 +196,44 @@ class FileCheck:
     ok: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # files the manifest does not list: a FAIL
+    unsafe: list[str] = field(default_factory=list)  # symlinks and special files: a FAIL
 
     @property
     def passed(self) -> bool:
-        return not (self.changed or self.missing)
+        return bool(self.ok) and not (self.changed or self.missing or self.extra or self.unsafe)
+
+    def problems(self) -> list[str]:
+        """One phrase per failing file, for one-line errors."""
+        return ([f"changed: {f}" for f in self.changed] + [f"missing: {f}" for f in self.missing]
+                + [f"not in the manifest: {f}" for f in self.extra]
+                + [f"symlink or special file: {f}" for f in self.unsafe])
 
 
 def check_files(bundle: Bundle) -> FileCheck:
-    """Re-hash every file the manifest lists; report changed, missing and unexpected files."""
+    """Re-hash every file the manifest lists; any changed, missing or unlisted file (or symlink) fails.
+
+    Why unlisted files fail: a bundle is run from inside its folder, and a
+    file nobody listed (a planted ``psutil.py``, a second model) is exactly
+    what a hash list must not wave through.
+    """
     listed: dict[str, dict[str, Any]] = bundle.manifest.get("files", {})
     result = FileCheck()
     for rel, info in listed.items():
-        f = bundle.path / rel
-        if not f.is_file():
+        f = confined(bundle.path, rel, "file")
+        try:
+            st = f.lstat()
+        except OSError:
             result.missing.append(rel)
-        elif f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            result.unsafe.append(rel)
+        elif st.st_size != info["size"] or sha256_file(f) != info["sha256"]:
             result.changed.append(rel)
         else:
             result.ok.append(rel)
-    for f in bundle.path.rglob("*"):
-        rel = str(f.relative_to(bundle.path))
-        if f.is_file() and f.name != MANIFEST and rel not in listed:
-            result.extra.append(rel)
+    for rel, _, mode in _walk(bundle.path):
+        if rel in RESERVED or rel in listed:
+            continue
+        (result.extra if stat.S_ISREG(mode) else result.unsafe).append(rel)
     return result

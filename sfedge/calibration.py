@@ -304,19 +304,58 @@ def _source_files(spec: CalibrationSpec) -> list[Path]:
     return files
 
 
+MAX_PIXELS = 40_000_000  # a 6000x6000 photograph; larger ones are refused before they are decoded
+NPY_DTYPES = ("uint8", "uint16", "float16", "float32", "float64")
+
+
+def _too_large(path: Path, h: int, w: int) -> CalibrationError:
+    return CalibrationError(f"calibration image {path} is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit",
+                            "downscale it first (calibration images are resized to the model input anyway)")
+
+
 def _read_image(path: Path, channels: int, hw: tuple[int, int] | None) -> np.ndarray:
-    """Read one image as (H, W, C) resized to ``hw`` (None: its own size; uint8 kept uint8; float NPY kept float)."""
+    """Read one image as (H, W, C) resized to ``hw`` (None: its own size; uint8 kept uint8; float NPY kept float).
+
+    Untrusted files are checked before they cost anything: the pixel count is
+    read from the header before decoding (a few-KB PNG can declare 9500x9500
+    pixels and take minutes and gigabytes), NPY files are memory-mapped and
+    checked for dtype, shape, NaN/inf and value range (floats in [0, 1], as
+    :class:`~sfedge.preprocess.Preprocessing` expects).
+    """
     try:
         if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] > 4):
+                raise CalibrationError(f"calibration image {path} has shape {arr.shape}", "images must be HxW or HxWxC")
+            if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+                raise _too_large(path, arr.shape[0], arr.shape[1])
+            if arr.dtype.name not in NPY_DTYPES:
+                raise CalibrationError(f"calibration image {path} has dtype {arr.dtype.name}",
+                                       f"save it as one of {', '.join(NPY_DTYPES)} (floats scaled to [0, 1])")
+            arr = np.array(arr)
         else:
             from PIL import Image
 
             with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise _too_large(path, h, w)
                 im.load()
                 arr = np.asarray(im)
+    except CalibrationError:
+        raise
     except Exception as e:  # PIL and numpy raise many types for damaged files
         raise CalibrationError(f"cannot read calibration image {path}: {e}", "remove or replace the file") from e
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise CalibrationError(f"calibration image {path} has NaN or infinite values", "remove or fix the file")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise CalibrationError(f"calibration image {path} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1]",
+                                   "scale float images to [0, 1] (or save them as uint8/uint16)")
+    elif arr.dtype.name not in ("uint8", "uint16"):
+        raise CalibrationError(f"calibration image {path} has pixel type {arr.dtype.name}",
+                               "use 8- or 16-bit images, or float NPY scaled to [0, 1]")
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:

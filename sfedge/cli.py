@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -76,9 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: an error names paths and names from untrusted bundles, and a
+    newline in one must not split the one-line error (or forge a second line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+_TERMINATED: list[int] = []
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (kill, systemd, a CI timeout) unwinds like Ctrl-C, so half-written .part folders are removed."""
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run the verb, map errors to one line and an exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "verbose", False):
@@ -93,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     except SfedgeError as e:
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        print(f"sfedge {args.verb}: error: {e}", file=sys.stderr)
+        print(f"sfedge {args.verb}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"sfedge {args.verb}: interrupted; nothing half-written was left behind", file=sys.stderr)
-        return 130
+        how = "terminated" if _TERMINATED else "interrupted"
+        print(f"sfedge {args.verb}: {how}; nothing half-written was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM if _TERMINATED else 130
     except BrokenPipeError:
         return 0
 

@@ -13,14 +13,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
+from rich.text import Text
 
 from sfedge.fileio import json_default
 from sfedge.progress import Progress
 
-__all__ = ["console", "err_console", "table", "print_json", "progress_bar", "fmt_bytes"]
+__all__ = ["console", "err_console", "table", "print_json", "progress_bar", "fmt_bytes", "escape"]
 
 # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; give them room instead.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -29,13 +31,18 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> Table:
-    """A rich table; numbers right-aligned, None shown as a dash."""
-    t = Table(title=title, caption=caption, header_style="bold", title_justify="left")
+    """A rich table; numbers right-aligned, None shown as a dash.
+
+    Cells and titles are plain text, never rich markup: they carry names read
+    from bundles and reports, and a name such as ``[/]`` must print, not crash.
+    """
+    t = Table(title=Text(title) if title is not None else None, caption=caption, header_style="bold",
+              title_justify="left")
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) if rows else False for i in range(len(columns))]
     for c, num in zip(columns, numeric):
         t.add_column(c, justify="right" if num else "left")
     for r in rows:
-        t.add_row(*["-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
+        t.add_row(*[Text("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))) for v in r])
     return t
 
 
@@ -52,7 +59,7 @@ def progress_bar(description: str, total: float | None = None, enabled: bool = T
         return
     prog = RichProgress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn() if total else TextColumn(""),
-        TextColumn("{task.fields[message]}"), TimeElapsedColumn(), console=err_console, transient=False,
+        TextColumn("{task.fields[message]}", markup=False), TimeElapsedColumn(), console=err_console, transient=False,
     )
     with prog:
         task = prog.add_task(description, total=total or 1.0, message="")

@@ -65,6 +65,17 @@ class BundleError(SfedgeError):
     """A bundle is incomplete or its files no longer match the manifest."""
 
 
+class MalformedBundleError(BundleError):
+    """Not a bundle sfedge can read: no manifest, unreadable or oversized JSON, a manifest that breaks the schema,
+    or a path that leaves the bundle.  Exit code 3, so scripts can tell it from a verify FAIL (1)."""
+
+    exit_code = 3
+
+
+class OutputFolderError(SfedgeError):
+    """An output folder (-o) holds something sfedge did not write: refused rather than deleted."""
+
+
 class RemoteError(SfedgeError):
     """Copying to or running on a remote device failed."""
 

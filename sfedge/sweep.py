@@ -50,7 +50,9 @@ from sfedge.source import resolve_model
 from sfedge.targets import load_target
 from sfedge.train import DEMO_MODELS, TrainConfig, holdout_dice, train
 
-__all__ = ["SweepPoint", "SweepResult", "sweep", "parse_s_values"]
+__all__ = ["SweepPoint", "SweepResult", "sweep", "parse_s_values", "OUTPUT_KIND"]
+
+OUTPUT_KIND = "sweep"  # the -o marker (sfedge.fileio.check_output_dir)
 
 
 @dataclass
@@ -148,9 +150,13 @@ class SweepResult:
         return markdown_page(lines, [figure] if figure else [], self.notes)
 
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> Path:
-        """sweep.json, sweep.csv, sweep.md, sweep.png and the profile report (profile/) into ``folder``."""
+        """sweep.json, sweep.csv, sweep.md, sweep.png and the profile report (profile/) into ``folder``.
+
+        An existing folder is replaced only when it is an earlier sweep
+        (sfedge's marker); any other non-empty folder is refused.
+        """
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, kind=OUTPUT_KIND) as tmp:
             write_json(tmp / "sweep.json", self.as_dict())
             write_csv(tmp / "sweep.csv", self.rows())
             figure = None

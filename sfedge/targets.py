@@ -20,6 +20,7 @@ from typing import Any
 
 from sfedge.backends.registry import BACKENDS, BUILD_BACKENDS
 from sfedge.errors import ConfigError, UnknownNameError
+from sfedge.manifest import is_safe_name
 from sfedge.parity import TOLERANCE_KEYS, Tolerance, tolerance_for
 
 __all__ = ["Target", "load_target", "list_targets", "target_dirs", "PRECISIONS", "LAYOUTS", "DEFAULT_TARGET"]
@@ -33,7 +34,7 @@ DEVICE_KEYS = {
 }
 TOP_KEYS = (
     "name", "description", "backend", "precisions", "default_precision", "layout", "threads", "input_size",
-    "batch", "tolerances", "device",
+    "batch", "tolerances", "device", "require_signature", "allowed_signers",
 )
 
 
@@ -53,6 +54,10 @@ class Target:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    # `sfedge verify` and the on-device build of this target's bundles require a valid SSH signature
+    # (sfedge.signing) by a key in `allowed_signers` (a path relative to the target file, or --allowed-signers).
+    require_signature: bool = False
+    allowed_signers: str | None = None
 
     @property
     def backend(self) -> str:
@@ -198,8 +203,19 @@ def _parse(path: Path) -> Target:
             raise _err(path, f"bad value {device['sm']!r} for 'device.sm'", "give the SM as an integer, e.g. 87 for Orin")
         _tensorrt_version_tuple(path, str(device["tensorrt"]))
     name = data.get("name", path.stem)
+    if not is_safe_name(name):
+        raise _err(path, f"bad target name {name!r}", "use letters, digits, '.', '_' and '-' only (it names files "
+                   "and goes into generated scripts)")
     if name != path.stem:
         raise _err(path, f"'name' is '{name}' but the file is named {path.name}", f"rename the file to {name}.toml or fix 'name'")
+    require_signature = data.get("require_signature", False)
+    if not isinstance(require_signature, bool):
+        raise _err(path, f"bad value {require_signature!r} for 'require_signature'", "give true or false")
+    signers = data.get("allowed_signers")
+    if signers is not None and not isinstance(signers, str):
+        raise _err(path, f"bad value {signers!r} for 'allowed_signers'", "give the path of an allowed_signers file")
+    if signers is not None:
+        signers = str((path.parent / Path(signers).expanduser()).absolute())
     return Target(
         name=name,
         description=str(data.get("description", "")),
@@ -213,6 +229,8 @@ def _parse(path: Path) -> Target:
         tolerances=tolerances,
         device=dict(device),
         path=str(path),
+        require_signature=require_signature,
+        allowed_signers=signers,
     )
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from sfedge.backends.registry import runner_for
 from sfedge.bundle import Bundle, load_bundle
 from sfedge.errors import BackendUnavailable, BundleError, SfedgeError
-from sfedge.parity import compare_outputs
+from sfedge.manifest import confined
+from sfedge.parity import Tolerance, compare_outputs
 from sfedge.preprocess import Preprocessing
 from sfedge.tiling import Predict, Tiling, tiled_predict, window_count
 
@@ -83,9 +84,11 @@ def readme_section(manifest: dict[str, Any]) -> str:
     ]) + "\n"
 
 
-def check_whole_image(path: str | Path | Bundle, *, backend: str | None = None, threads: int | None = None) -> list:
+def check_whole_image(path: str | Path | Bundle, *, backend: str | None = None, threads: int | None = None,
+                      tolerance: Tolerance | None = None) -> list:
     """Run every runnable artifact (or ``backend``'s) tiled over the bundle's whole image and compare with the
-    stored torch reference under the bundle's tolerance: one :class:`sfedge.verify.ArtifactCheck` each.
+    stored torch reference under ``tolerance`` (``sfedge verify`` passes the one it applies: the installed
+    target's, not the manifest's claim; default: the bundle's): one :class:`sfedge.verify.ArtifactCheck` each.
 
     BundleError when the bundle has no whole-image reference (built before it existed: rebuild it).
     """
@@ -98,14 +101,14 @@ def check_whole_image(path: str | Path | Bundle, *, backend: str | None = None, 
         raise BundleError(f"bundle {bundle.path} has no whole-image reference", "rebuild it with this sfedge "
                           "(`sfedge build ... --force`) to add one")
     try:
-        image = np.load(bundle.path / whole["input"], allow_pickle=False)
-        reference = np.load(bundle.path / whole["reference"], allow_pickle=False)
+        image = np.load(confined(bundle.path, whole["input"], "whole-image input"), allow_pickle=False)
+        reference = np.load(confined(bundle.path, whole["reference"], "whole-image reference"), allow_pickle=False)
     except (OSError, ValueError) as e:
         raise BundleError(f"bundle {bundle.path} has an unreadable whole-image reference ({e})", "rebuild the bundle") from None
     x = Preprocessing.from_dict(whole["preprocessing"]).apply(image)
     tiling = Tiling.from_dict(whole["tiling"])
     window = bundle_window(bundle)
-    tolerance = bundle.tolerance
+    tolerance = tolerance or bundle.tolerance
     checks = []
     for art in bundle.artifacts:
         if backend is not None and art.backend != backend:

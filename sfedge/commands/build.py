@@ -27,12 +27,21 @@ EPILOG = """examples:
   sfedge build ckpt.safetensors --target raspberry-pi-5 --verify-on pi@raspberrypi
                                      (parity on the Pi's own kernels, recorded in the manifest; fails the build if off)
 
-A bundle whose inputs (weights, target, precision, calibration set, toolchain) are
-unchanged is not rebuilt; --force rebuilds it.  A failed or interrupted build leaves
-no bundle folder behind.  On a target with several backends each artifact builds on its
-own: one that fails is recorded in the manifest and the others are kept.
+A bundle whose inputs (weights, target, precision, calibration set, toolchain, sfedge's
+own code) are unchanged and whose files all still verify is not rebuilt; --force
+rebuilds it.  A failed or interrupted build leaves no bundle folder behind, two builds
+of one bundle wait for each other, and only a bundle folder is ever replaced.  On a
+target with several backends each artifact builds on its own: one that fails is
+recorded in the manifest and the others are kept.
+
+Signing: --sign ~/.ssh/id_ed25519 writes manifest.json.sig (an SSH signature of the
+manifest, which hashes every file); `sfedge verify --allowed-signers FILE` checks it.
+On the device, `sfedge build <bundle>` verifies the bundle first (files, manifest,
+and the signature with --allowed-signers or a target that requires one) and refuses
+a changed one.
 
 Exit status: 0 every bundle complete; 2 an error (nothing written for that build);
+3 a bundle to complete on the device is not a readable, well-formed bundle;
 4 partial: a bundle was written without some backend's artifact (see "failures" in its
 manifest); --require BACKEND makes such a failure an error instead."""
 
@@ -48,6 +57,13 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
     p.add_argument("-c", "--calibration", default="fundus-demo", help="calibration set name or spec path (default fundus-demo)")
     p.add_argument("-o", "--out", default="bundles", help="folder to write bundles into (default ./bundles)")
     p.add_argument("--force", action="store_true", help="rebuild even when the bundle is up to date")
+    p.add_argument("--sign", metavar="KEY",
+                   help="sign the manifest with this SSH key (private key, or KEY.pub held by ssh-agent)")
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="on the device: require the bundle to be signed by a key in this allowed_signers file")
+    p.add_argument("--require-signature", action="store_true",
+                   help="on the device: refuse unsigned bundles (signers from --allowed-signers, "
+                        "$SFEDGE_ALLOWED_SIGNERS or the target)")
     p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key of the target's parity tolerance for this build (repeatable; recorded in "
                         "the manifest): max_abs, relative_max_abs, cosine, dice_agreement, fallback_cosine, psnr")
@@ -103,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 results.append(build_bundle(args.model, t, p, calibration=args.calibration, out_dir=Path(args.out),
                                             force=args.force, progress=sub, verify_on=verify_on,
-                                            tolerances=overrides, require=args.require, **options))
+                                            tolerances=overrides, require=args.require, sign=args.sign, **options))
             except SfedgeError as e:
                 if single:
                     raise
@@ -163,7 +179,9 @@ def _verify_on(args: argparse.Namespace) -> Any:
 def _complete_on_device(args: argparse.Namespace) -> int:
     """A TensorRT bundle built off-device: build its engine here (needs TensorRT and a GPU)."""
     with progress_bar("engine", enabled=not args.json) as bar:
-        result = complete_bundle(Path(args.model), force=args.force, progress=bar)
+        result = complete_bundle(Path(args.model), force=args.force, progress=bar,
+                                 allowed_signers=args.allowed_signers, require_signature=args.require_signature,
+                                 sign=args.sign)
     if args.json:
         print_json(result)
     else:

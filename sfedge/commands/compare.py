@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from sfedge.console import console, print_json
-from sfedge.profile.compare import compare_reports
+from sfedge.fileio import check_output_dir
+from sfedge.profile.compare import OUTPUT_KIND, compare_reports
 
 __all__ = ["register", "run"]
 
@@ -24,7 +25,9 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
     p = subparsers.add_parser(verb, help=help_text, description=help_text, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reports", nargs="+", metavar="REPORT", help="profile report folders (or report.json files)")
-    p.add_argument("-o", "--out", type=Path, help="write compare.json/.csv/.md/.png here")
+    p.add_argument("-o", "--out", type=Path,
+                   help="write compare.json/.csv/.md/.png here; an existing folder is replaced only if it holds an "
+                        "earlier sfedge comparison, any other non-empty folder is refused")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figure")
     p.add_argument("--json", action="store_true", help="print the merged rows as JSON on stdout")
     p.set_defaults(func=run)
@@ -32,6 +35,8 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_dir(args.out, OUTPUT_KIND)
     comparison = compare_reports(args.reports)
     if args.out:
         comparison.write(args.out, plots=not args.no_plots)

@@ -13,9 +13,10 @@ from typing import Any
 
 from sfedge.console import console, err_console, print_json, progress_bar
 from sfedge.errors import RemoteError
+from sfedge.fileio import check_output_dir
 from sfedge.profile.compare import compare_reports
 from sfedge.profile.remote import RemoteOptions, profile_remote
-from sfedge.profile.report import Report
+from sfedge.profile.report import OUTPUT_KIND, Report
 from sfedge.profile.schedule import profile_subjects
 from sfedge.profile.subjects import pair_up, subjects_from
 from sfedge.profile.types import MeasureConfig
@@ -44,7 +45,9 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
                         "and target (repeatable: one per precision)")
     p.add_argument("--backend", help="profile only this backend's artifact (default: every artifact in the bundle)")
     MeasureConfig.add_arguments(p)
-    p.add_argument("-o", "--out", type=Path, help="report folder (default: reports/profile-<time>)")
+    p.add_argument("-o", "--out", type=Path,
+                   help="report folder (default: reports/profile-<time>); an existing folder is replaced only if it "
+                        "holds an earlier sfedge profile report, any other non-empty folder is refused")
     p.add_argument("--device", help="name for this device in reports (default: the host name)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of tables")
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out("profile")
     if args.remote:
         return _run_remote(args, config, out)
+    check_output_dir(out, OUTPUT_KIND)  # before minutes of measuring, not after
 
     subjects = [s for b in args.bundles for s in subjects_from(b, args.backend)]
     pairs = []

@@ -9,6 +9,7 @@ from typing import Any
 from sfedge.commands.model_options import MODEL_HELP, add_model_options, model_options
 from sfedge.commands.profile import default_out
 from sfedge.console import console, err_console, print_json, progress_bar
+from sfedge.fileio import check_output_dir
 from sfedge.profile.types import MeasureConfig
 
 __all__ = ["register", "run"]
@@ -44,7 +45,9 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="fine-tune each factorized model this many steps on the fundus demo first (default 0)")
     MeasureConfig.add_arguments(p)
-    p.add_argument("-o", "--out", type=Path, help="report folder (default: reports/sweep-<time>)")
+    p.add_argument("-o", "--out", type=Path,
+                   help="report folder (default: reports/sweep-<time>); an existing folder is replaced only if it "
+                        "holds an earlier sfedge sweep, any other non-empty folder is refused")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--json", action="store_true", help="print the sweep as JSON on stdout instead of a table")
     add_model_options(p)
@@ -53,11 +56,12 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfedge.sweep import parse_s_values, sweep
+    from sfedge.sweep import OUTPUT_KIND, parse_s_values, sweep
 
     s_values = parse_s_values(args.s_values)
     config = MeasureConfig.from_args(args)
     out = args.out or default_out("sweep")
+    check_output_dir(out, OUTPUT_KIND)  # before the builds and the profile, not after
     with progress_bar("sweep", enabled=not args.json) as progress:
         result = sweep(args.model, args.target, s_values, precision=args.precision, backend=args.backend,
                        calibration=args.calibration, bundles_dir=args.bundles, config=config, force=args.force,

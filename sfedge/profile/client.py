@@ -18,6 +18,7 @@ import psutil
 import sfedge
 from sfedge import errors
 from sfedge.errors import SfedgeError
+from sfedge.isolation import neutral_cwd, python_argv
 from sfedge.profile.types import Subject
 
 __all__ = ["WorkerProcess"]
@@ -28,7 +29,10 @@ class WorkerProcess:
 
     Between requests the process is suspended (SIGSTOP, or the platform's
     equivalent through psutil) unless ``freeze=False``, so only the worker
-    being timed can use the CPU.
+    being timed can use the CPU.  The worker starts isolated
+    (:mod:`sfedge.isolation`: ``-P`` and an empty working folder), so a module
+    planted in the bundle or the folder ``sfedge profile`` runs from is never
+    imported; paths in requests are absolute for that reason.
     """
 
     def __init__(self, subject: Subject, python: str = sys.executable, env: dict[str, str] | None = None,
@@ -42,8 +46,8 @@ class WorkerProcess:
         environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [python, "-m", "sfedge.profile.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, text=True, bufsize=1, env=environment,
+            python_argv("-m", "sfedge.profile.worker", python=python), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, text=True, bufsize=1, env=environment, cwd=neutral_cwd(),
         )
         self._ps = psutil.Process(self.proc.pid)
         self.freeze = freeze

@@ -23,7 +23,9 @@ from sfedge.profile.report import Report, load_report
 from sfedge.profile.stats import CV_WARNING
 from sfedge.profile.tables import markdown_page, markdown_table, write_csv
 
-__all__ = ["Comparison", "compare_reports"]
+__all__ = ["Comparison", "compare_reports", "OUTPUT_KIND"]
+
+OUTPUT_KIND = "compare"  # the -o marker (sfedge.fileio.check_output_dir)
 
 
 @dataclass
@@ -65,9 +67,13 @@ class Comparison:
         return markdown_page(lines, [figure] if figure else [], self.notes)
 
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> Path:
-        """compare.json, compare_pairs.csv, compare_summary.csv, compare.md and compare.png into ``folder``."""
+        """compare.json, compare_pairs.csv, compare_summary.csv, compare.md and compare.png into ``folder``.
+
+        An existing folder is replaced only when it is an earlier comparison
+        (sfedge's marker); any other non-empty folder is refused.
+        """
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, kind=OUTPUT_KIND) as tmp:
             write_json(tmp / "compare.json", self.as_dict())
             write_csv(tmp / "compare_pairs.csv", self.pairs)
             write_csv(tmp / "compare_summary.csv", self.summary)

@@ -21,8 +21,8 @@ import json
 import os
 import re
 import shlex
+import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -35,14 +35,16 @@ import sfedge
 from sfedge import __version__
 from sfedge.backends.registry import BACKENDS
 from sfedge.errors import RemoteError
-from sfedge.profile.report import load_report
+from sfedge.fileio import check_output_dir
+from sfedge.isolation import neutral_cwd, python_argv
+from sfedge.profile.report import OUTPUT_KIND, load_report
 from sfedge.profile.subjects import subjects_from
 from sfedge.profile.types import MeasureConfig
 from sfedge.progress import Progress
 
 __all__ = [
     "RemoteOptions", "RemoteResult", "Missing", "profile_remote", "probe_host", "missing_requirements", "PROBE",
-    "SSHHost", "remote_bundles", "remote_names", "host_labels",
+    "SSHHost", "remote_bundles", "remote_names", "host_labels", "check_host", "check_no_links",
 ]
 
 CORE_MODULES = ("numpy", "psutil", "rich")
@@ -104,22 +106,57 @@ class RemoteResult:
     seconds: float = 0.0
 
 
+def check_host(host: str) -> str:
+    """``host`` if it can only be read as a host by ssh and scp; RemoteError otherwise.
+
+    Why: a "host" starting with ``-`` (``-oProxyCommand=...``) is an ssh
+    option, i.e. a command run on this machine; whitespace and control
+    characters have no place in a host name either.  ``--`` also comes before
+    the host in every ssh/scp call, but refusing early keeps ssh from ever
+    seeing it.
+    """
+    if not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in host):
+        raise RemoteError(f"--remote {host!r} is not a host name",
+                          "give USER@HOST or an alias from ~/.ssh/config (no leading '-', no spaces)")
+    return host
+
+
+def check_no_links(folder: Path) -> None:
+    """RemoteError when ``folder`` holds a symlink or special file: a copy must never follow a link out of a bundle."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(root) / name
+            mode = p.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "a special file"
+                raise RemoteError(f"{folder} holds {kind}, {p.relative_to(folder)}; bundles hold regular files only",
+                                  "remove it (or rebuild the bundle) before copying it to a device")
+
+
 class SSHHost:
-    """ssh/scp to one host with the shared options; every failure becomes a RemoteError naming the step."""
+    """ssh/scp to one host with the shared options; every failure becomes a RemoteError naming the step.
+
+    The host is checked (:func:`check_host`) and ``--`` precedes it in every
+    call, so no host name can reach ssh or scp as an option.
+    """
 
     def __init__(self, host: str, options: RemoteOptions) -> None:
-        self.host, self.options = host, options
+        self.host, self.options = check_host(host), options
         self.args = options.ssh_args()
 
     def ssh(self, command: str, what: str, timeout: float | None = None, ok: Sequence[int] = (0,)) -> str:
         """Run ``command`` there; its stdout (a RemoteError naming ``what`` for exit codes not in ``ok``)."""
-        return self._call(["ssh", *self.args, self.host, "--", command], what, timeout, ok)
+        return self._call(["ssh", *self.args, "--", self.host, command], what, timeout, ok)
 
     def put(self, local: Sequence[Path], remote: str, what: str) -> None:
-        self._call(["scp", "-q", "-r", *self.args, *(str(p) for p in local), f"{self.host}:{remote}"], what)
+        for p in local:
+            check_no_links(Path(p))
+        self._call(["scp", "-q", "-r", *self.args, "--", *(str(p) for p in local), f"{self.host}:{remote}"], what)
 
     def get(self, remote: str, local: Path, what: str) -> None:
-        self._call(["scp", "-q", "-r", *self.args, f"{self.host}:{remote}", str(local)], what)
+        self._call(["scp", "-q", "-r", *self.args, "--", f"{self.host}:{remote}", str(local)], what)
 
     def _call(self, argv: list[str], what: str, timeout: float | None = None, ok: Sequence[int] = (0,)) -> str:
         try:
@@ -217,15 +254,20 @@ def profile_remote(
     """
     if not hosts:
         raise RemoteError("no remote hosts given", "pass --remote USER@HOST")
+    for h in hosts:
+        check_host(h)
     config, options = config or MeasureConfig(), options or RemoteOptions()
     paths = [Path(b) for b in [*bundles, *pairs]]
     for p in paths:
         if not p.exists():
             raise RemoteError(f"{p} does not exist", "give bundle folders written by `sfedge build`")
+        check_no_links(p)
     backends = sorted({s.backend for p in paths for s in subjects_from(p, backend)})
     names = remote_names(paths)
     lock_progress = _ThreadSafeProgress(progress, len(hosts))
     labels = host_labels(hosts)
+    for label in labels.values():
+        check_output_dir(out / label, OUTPUT_KIND)  # refused now, not after the devices have been measured
 
     def one(i: int, host: str) -> RemoteResult:
         start = time.monotonic()
@@ -293,6 +335,7 @@ def remote_bundles(host: str, label: str, paths: Sequence[Path], names: Sequence
         raise missing.message(host, options.python)
     run_dir = f"{options.workdir}/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{label}"
     py = _remote_path_arg(options.python)
+    safe_py = py + (" -P" if _version_at_least(result.probe.get("python"), (3, 11)) else "")  # see sfedge.isolation
     remote.ssh(f"mkdir -p {shlex.quote(run_dir)}/bundles", "creating the work folder")
     try:
         wheel = missing.sfedge or (missing.outdated is not None and options.install)
@@ -305,7 +348,7 @@ def remote_bundles(host: str, label: str, paths: Sequence[Path], names: Sequence
         say("copying bundles", 0.2)
         for path, name in zip(paths, names):
             remote.put([path], f"{run_dir}/bundles/{name}", f"copying {path.name}")
-        yield remote, run_dir, py
+        yield remote, run_dir, safe_py
     finally:
         if not options.keep:
             try:
@@ -339,14 +382,22 @@ def _build_wheel() -> Path:
         raise RemoteError("--install needs sfedge's source tree to build a wheel, and this sfedge is installed "
                           "without one", "copy an sfedge wheel to the device and pip-install it there")
     folder = Path(tempfile.mkdtemp(prefix="sfedge-wheel-"))
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(folder), str(root)], capture_output=True, text=True)
+    p = subprocess.run(python_argv("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                                   str(folder), str(root)), capture_output=True, text=True, cwd=neutral_cwd())
     wheels = sorted(folder.glob("sfedge-*.whl"))
     if p.returncode != 0 or not wheels:
         raise RemoteError(f"building an sfedge wheel failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}",
                           "pip install setuptools wheel, then retry")
     _WHEEL_CACHE[str(root)] = wheels[0]
     return wheels[0]
+
+
+def _version_at_least(version: object, minimum: tuple[int, ...]) -> bool:
+    """True when a "3.11.7"-style version string is at least ``minimum``."""
+    try:
+        return tuple(int(x) for x in str(version).split(".")[: len(minimum)]) >= minimum
+    except ValueError:
+        return False
 
 
 def remote_names(paths: Sequence[Path]) -> list[str]:

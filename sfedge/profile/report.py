@@ -30,9 +30,10 @@ from sfedge.profile.stats import CV_WARNING
 from sfedge.profile.tables import markdown_page, markdown_table, pair_rows, summary_rows, write_csv
 from sfedge.profile.types import MeasureConfig, Measurement, Pairing
 
-__all__ = ["SCHEMA", "REPORT_JSON", "Report", "host_info", "load_report"]
+__all__ = ["SCHEMA", "REPORT_JSON", "OUTPUT_KIND", "Report", "host_info", "load_report"]
 
 SCHEMA = "sfedge-profile/1"
+OUTPUT_KIND = "profile"  # the -o marker (sfedge.fileio.check_output_dir)
 REPORT_JSON = "report.json"
 MIB = 1024 * 1024
 
@@ -103,9 +104,13 @@ class Report:
 
     # -- writing ---------------------------------------------------------------------
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> list[Path]:
-        """Write the report folder (replacing an older one only once the new one is complete); returns its files."""
+        """Write the report folder (replacing an older one only once the new one is complete); returns its files.
+
+        An existing folder is replaced only when it is an earlier profile report
+        (it carries sfedge's marker); any other non-empty folder is refused.
+        """
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, kind=OUTPUT_KIND) as tmp:
             if plots:  # first, so a "no matplotlib" note reaches every file
                 note = write_report_plots(self.device, self.measurements, self.pair_rows(), tmp,
                                           caption=latency_caption(self.host))
@@ -203,7 +208,12 @@ def load_report(path: str | os.PathLike[str]) -> Report:
     f = p / REPORT_JSON if p.is_dir() else p
     if not f.is_file():
         raise SfedgeError(f"{p} is not a profile report (no {REPORT_JSON})", "give a folder written by `sfedge profile -o`")
-    return Report.from_dict(read_schema_json(f, SCHEMA, SfedgeError, "re-run sfedge profile"))
+    doc = read_schema_json(f, SCHEMA, SfedgeError, "re-run sfedge profile")
+    try:
+        return Report.from_dict(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a report edited by hand or from elsewhere
+        raise SfedgeError(f"{f} is not a complete profile report ({type(e).__name__}: {e})",
+                          "re-run sfedge profile") from e
 
 
 def host_info() -> dict[str, Any]:

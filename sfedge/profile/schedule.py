@@ -30,6 +30,7 @@ Needs numpy and psutil only; the runtimes are imported in the workers.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -102,8 +103,10 @@ def _run(subjects: Sequence[Subject], config: MeasureConfig, progress: Progress 
         for w, (_, k) in zip(workers, slots):
             say(f"loading {w.subject.label} (process {k + 1}/{config.processes})", 0.0)
             threads = config.threads or w.subject.threads
-            loaded.append(w.request("load", path=str(w.subject.path), backend=w.subject.backend, threads=threads,
-                                    options=w.subject.options, input=str(w.subject.input) if w.subject.input else None,
+            # Absolute paths: the worker runs in a neutral working folder (sfedge.isolation).
+            loaded.append(w.request("load", path=os.path.abspath(w.subject.path), backend=w.subject.backend,
+                                    threads=threads, options=w.subject.options,
+                                    input=os.path.abspath(w.subject.input) if w.subject.input else None,
                                     runner=w.subject.runner, sample_interval=config.sample_interval))
         for w in workers:
             say(f"warming up {w.subject.label}", 0.0)

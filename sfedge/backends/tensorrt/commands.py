@@ -108,6 +108,11 @@ def trtexec_command(
     return cmd
 
 
+def _comment(text: str) -> str:
+    """``text`` as one shell comment line: control characters (a newline would start a command) become spaces."""
+    return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in str(text))
+
+
 def _shell_line(cmd: Sequence[str]) -> str:
     """``cmd`` as one shell line, with argv[0] replaced by "$TRTEXEC" (found at run time)."""
     return " \\\n  ".join(['"$TRTEXEC"'] + [shlex.quote(str(a)) for a in cmd[1:]])
@@ -131,13 +136,15 @@ def write_build_script(
     ``alternatives`` are (explanation, command) pairs written as comments; one
     that reads a calibration cache comes with the sed line that relabels the
     cache for the release found (trtexec ignores a cache from another release
-    and then calibrates on random data).
+    and then calibrates on random data).  Arguments are ``shlex.quote``-d, and
+    text in comments (titles name the model) loses its control characters, so
+    nothing embedded can start a shell line.
     """
     v = format_version(parse_version(tensorrt_version))
     code = version_code(tensorrt_version)
     lines = [
         "#!/bin/sh",
-        f"# {title}",
+        f"# {_comment(title)}",
         f"# For TensorRT {v}: an engine only loads on the TensorRT release and GPU that built it.",
         "set -eu",
         'cd "$(dirname "$0")"',
@@ -154,11 +161,11 @@ def write_build_script(
         _shell_line(command),
     ]
     for note, alt in alternatives:
-        lines += ["", f"# {note}"]
+        lines += ["", f"# {_comment(note)}"]
         if any(str(a).startswith("--calib=") for a in alt):
             cache = next(str(a) for a in alt if str(a).startswith("--calib="))[len("--calib="):]
-            lines.append(f'# sed -i "1s/^TRT-[0-9]*-/TRT-$FOUND-/" {shlex.quote(cache)}   '
-                         "# relabel the cache for the release found")
+            lines.append(_comment(f'# sed -i "1s/^TRT-[0-9]*-/TRT-$FOUND-/" {shlex.quote(cache)}   '
+                                  "# relabel the cache for the release found"))
         lines += ["# " + ln for ln in _shell_line(alt).splitlines()]
     out = write_text(path, "\n".join(lines) + "\n")
     out.chmod(0o755)

@@ -9,7 +9,6 @@ Needs numpy, Polygraphy and TensorRT's Python bindings only.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from sfedge.artifact import Artifact, TensorSpec
 from sfedge.backends.tensorrt.builder import build_engine, build_options
 from sfedge.backends.tensorrt.engine_cache import EngineCache, engine_cache_key
 from sfedge.backends.tensorrt.gpu import GpuInfo, detect_gpu
-from sfedge.errors import BackendUnavailable, BundleError, ConfigError
-from sfedge.fileio import atomic_path, sha256_file
+from sfedge.errors import BackendUnavailable, BundleError, ConfigError, MalformedBundleError
+from sfedge.fileio import atomic_path, read_json_bytes, read_limited, sha256_file
+from sfedge.manifest import confined
 from sfedge.progress import Progress, tell
 
 __all__ = [
@@ -35,16 +35,37 @@ FP32_ONNX, QDQ_ONNX, FP16_ONNX, CALIBRATION_CACHE = "model.onnx", "model.qdq.onn
 SCRIPT, README = "build_engine.sh", "BUILD_ON_DEVICE.md"
 
 
+MAX_PLAN_BYTES = 1 << 20
+
+
 def read_plan(folder: str | Path) -> dict[str, Any]:
-    """The build.json of a device folder (BundleError when missing or not one)."""
+    """The build.json of a device folder (MalformedBundleError when missing, not one, or naming paths outside it).
+
+    Every file name the plan gives (ONNX, calibration cache, engine, timing
+    cache) must stay inside the folder: the engine build writes the engine
+    and timing cache there, so a crafted plan must not choose where.
+    """
     path = Path(folder) / PLAN_FILE
-    try:
-        plan: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{folder} is not a TensorRT device folder ({PLAN_FILE}: {e})",
-                          "give the folder `sfedge build` wrote for a Jetson target") from e
-    if plan.get("format") != FOLDER_FORMAT:
-        raise BundleError(f"{path} is not a {FOLDER_FORMAT} plan", "rebuild the folder with this sfedge version")
+    hint = "give the folder `sfedge build` wrote for a Jetson target"
+    if not path.is_file():
+        raise MalformedBundleError(f"{folder} is not a TensorRT device folder (no {PLAN_FILE})", hint)
+    plan: Any = read_json_bytes(read_limited(path, MAX_PLAN_BYTES, MalformedBundleError, hint), path, MalformedBundleError,
+                           hint)
+    if not isinstance(plan, dict) or plan.get("format") != FOLDER_FORMAT:
+        raise MalformedBundleError(f"{path} is not a {FOLDER_FORMAT} plan", "rebuild the folder with this sfedge version")
+    for key in ("onnx", "engine", "timing_cache"):
+        confined(folder, plan.get(key), f"{PLAN_FILE} '{key}'")
+    if plan.get("calibration_cache") is not None:
+        confined(folder, plan["calibration_cache"], f"{PLAN_FILE} 'calibration_cache'")
+    fallback = plan.get("fallback")
+    if fallback is not None:
+        if not isinstance(fallback, dict):
+            raise MalformedBundleError(f"{path}: 'fallback' is not a table", hint)
+        for key in ("onnx", "calibration_cache"):
+            if fallback.get(key) is not None:
+                confined(folder, fallback[key], f"{PLAN_FILE} 'fallback.{key}'")
+    if not isinstance(plan.get("sha256"), dict):
+        raise MalformedBundleError(f"{path}: 'sha256' is not a table", hint)
     return plan
 
 

@@ -8,17 +8,20 @@ queries the CUDA driver API through ctypes (libcuda: device name, compute
 capability, memory), and only when a device exists imports tensorrt and
 creates a Builder.  A crash, a hang or an error in the child just means
 "no": this process never touches TensorRT before the child said yes.
+The child starts isolated (:mod:`sfedge.isolation`): the folder the user runs
+``sfedge build`` from (a TensorRT device folder, say) is never on its
+``sys.path``, so a planted ``ctypes.py`` or ``json.py`` there cannot run.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sfedge.backends.tensorrt.version import version_matches
+from sfedge.isolation import neutral_cwd, python_argv
 
 __all__ = ["GpuInfo", "DeviceReport", "detect_gpu", "probe_device", "PROBE"]
 
@@ -122,7 +125,8 @@ class GpuInfo:
 def _run_probe(code: str, timeout: float) -> dict[str, Any] | None:
     """Run ``code`` in a fresh interpreter; its report dict, or None if it crashed, hung or printed none."""
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(python_argv("-c", code), capture_output=True, text=True, timeout=timeout,
+                              cwd=neutral_cwd())
     except (subprocess.TimeoutExpired, OSError):
         return None
     if proc.returncode != 0:  # includes -SIGSEGV from a TensorRT that cannot find a GPU

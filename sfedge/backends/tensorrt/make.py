@@ -251,9 +251,10 @@ def _device_readme(plan: dict[str, Any], model: str, command: list[str]) -> str:
         "(builds the engine, checks it against the torch outputs the bundle carries, and records it in the "
         "bundle's manifest; needs `pip install 'sfedge[runtime]'` and JetPack's TensorRT, not torch)",
         "",
-        "or, with only numpy, Polygraphy and TensorRT's Python bindings installed, from this folder:",
+        "or, with only numpy, Polygraphy and TensorRT's Python bindings installed, from outside the bundle "
+        "(`python3 -m` imports modules from the working folder first, so never run it inside a bundle):",
         "",
-        "    python3 -m sfedge.backends.tensorrt .",
+        "    cd ~ && python3 -m sfedge.backends.tensorrt /path/to/this/folder",
         "",
         "## Files",
         "",
@@ -266,7 +267,8 @@ def _device_readme(plan: dict[str, Any], model: str, command: list[str]) -> str:
         lines.append(f"- `{FP32_ONNX}`: the fp32 export, checked against torch")
     if plan.get("fallback"):
         lines.append(f"- `{CALIBRATION_CACHE}`: TensorRT's calibration cache for implicit INT8 from `{FP32_ONNX}` "
-                     "(the commented alternative in the script; `python3 -m sfedge.backends.tensorrt . --fallback`)")
+                     "(the commented alternative in the script; `python3 -m sfedge.backends.tensorrt FOLDER --fallback`, "
+                     "run from outside the bundle)")
     if plan["onnx"] == FP16_ONNX:
         lines.append(f"- `{FP16_ONNX}`: fp16 graph with float32 I/O (strongly typed builds take precision "
                      "from the ONNX)")
