@@ -120,8 +120,42 @@ class _CudaRuntime:
             self._check(self._rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, stream))
 
 
+def _layer_profiler(trt: Any) -> Any:
+    """An ``IProfiler`` collecting ``report_layer_time(layer_name, ms)`` per run (TensorRT 8.5 / 10 Python API docs).
+
+    TensorRT calls ``report_layer_time`` once per layer after each inference
+    when a profiler is attached to the execution context
+    (``context.profiler``; with ``execute_async_v3`` the times are emitted when
+    the stream is synchronized, ``enqueue_emits_profile`` being True by
+    default).  Layer names are the engine's: fused layers join their ONNX node
+    names with " + ".  Written against the docs, never run here (no GPU).
+    """
+
+    class LayerProfiler(trt.IProfiler):
+        def __init__(self) -> None:
+            trt.IProfiler.__init__(self)
+            self.runs: list[dict[str, float]] = []
+            self.current: dict[str, float] = {}
+            self.order: list[str] = []
+
+        def report_layer_time(self, layer_name: str, ms: float) -> None:
+            if layer_name not in self.order:
+                self.order.append(layer_name)
+            self.current[layer_name] = self.current.get(layer_name, 0.0) + float(ms)
+
+        def end_run(self) -> None:
+            self.runs.append(self.current)
+            self.current = {}
+
+    return LayerProfiler()
+
+
 class TensorRTRunner(Runner):
-    """Runs a serialized TensorRT engine (.engine/.plan) on this machine's GPU."""
+    """Runs a serialized TensorRT engine (.engine/.plan) on this machine's GPU.
+
+    Option ``profile_layers``: attach an ``IProfiler`` so :meth:`layer_times`
+    gives every layer's time in every run (TensorRT's own per-layer timing).
+    """
 
     backend = "tensorrt"
 
@@ -144,6 +178,10 @@ class TensorRTRunner(Runner):
                 "an engine only loads on the TensorRT release and GPU that built it: rebuild it here",
             )
         self.context = self.engine.create_execution_context()
+        self._profiler = None
+        if self.options.get("profile_layers"):
+            self._profiler = _layer_profiler(trt)
+            self.context.profiler = self._profiler
         self._cuda = _CudaRuntime()
         self._stream = self._cuda.create_stream()
         self._named = hasattr(self.context, "execute_async_v3") and hasattr(self.engine, "num_io_tensors")
@@ -193,7 +231,18 @@ class TensorRTRunner(Runner):
             ptr, host = self._buffers[spec.name]
             self._cuda.to_host(host, ptr, self._stream)
         self._cuda.synchronize(self._stream)
+        if getattr(self, "_profiler", None) is not None:
+            self._profiler.end_run()
         return {spec.name: self._buffers[spec.name][1].copy() for spec in self.outputs}
+
+    def layer_times(self) -> dict[str, Any] | None:
+        """Per-layer times of every run from the attached IProfiler (None unless ``profile_layers``)."""
+        prof = getattr(self, "_profiler", None)
+        if prof is None:
+            return None
+        nodes = [{"name": n, "op": "", "ms": [run.get(n, 0.0) for run in prof.runs], "inputs": [], "outputs": []}
+                 for n in prof.order]
+        return {"runs": [sum(run.values()) for run in prof.runs], "nodes": nodes}
 
     def _close(self) -> None:
         for ptr, _ in getattr(self, "_buffers", {}).values():
