@@ -29,6 +29,7 @@ VERBS = (
     ("profile", "sfedge.commands.profile", "measure latency and memory of bundles; SFConv vs vanilla paired"),
     ("compare", "sfedge.commands.compare", "merge profile reports from several devices into one table and figure"),
     ("sweep", "sfedge.commands.sweep", "factorize at several ranks, build, check, profile; Pareto front"),
+    ("plan", "sfedge.commands.plan", "per-layer ranks from latencies measured on the target, under a budget"),
     ("targets", "sfedge.commands.targets", "list the known targets and their device facts"),
     ("inspect", "sfedge.commands.inspect", "describe a model, checkpoint, .onnx, .tflite or bundle"),
     ("factorize", "sfedge.commands.factorize", "turn a checkpoint's convs into SFConv layers at a given s"),

@@ -87,8 +87,9 @@ def conv_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str,
     """(name, shape) of every conv ``sfedge.nn.factorize`` would factorize, in call order, at ``input_shape``."""
     seen: dict[str, ConvShape] = {}
     hooks = []
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, SFConv2d))
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and not isinstance(m, SFConv2d) and eligible(m) is None:
+        if isinstance(m, nn.Conv2d) and eligible(m) is None and not name.startswith(inside or ("\0",)):
             def hook(mod: nn.Conv2d, args: tuple, name: str = name) -> None:
                 if name not in seen:
                     pad = mod.padding if not isinstance(mod.padding, str) else _same_padding(mod)
@@ -121,8 +122,14 @@ def rank_grid(shape: ConvShape, s_values: Sequence[float] = GRID_S) -> list[int]
 
 
 def model_key(ckpt: Checkpoint, input_shape: Sequence[int]) -> str:
-    """What a table is for: the architecture (name, config, source, recorded factorization) and input shape, not weights."""
-    payload = {"name": ckpt.name, "config": ckpt.config, "source": ckpt.source, "factorized": ckpt.factorized,
+    """What a table is for: the *dense* architecture and input shape, not weights nor factorization.
+
+    An SFConv model and its dense twin share the key (family without
+    ``-sfconv``, config without ``conv`` and ``s``, as bundles pair them), so
+    a table measured for the dense model prices any factorization of it.
+    """
+    config = {k: v for k, v in ckpt.config.items() if k not in ("conv", "s")}
+    payload = {"family": ckpt.name.removesuffix("-sfconv"), "config": config, "source": ckpt.source,
                "input_shape": list(input_shape)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

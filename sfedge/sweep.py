@@ -47,7 +47,7 @@ from sfedge.profile.tables import markdown_page, markdown_table, write_csv
 from sfedge.profile.types import MeasureConfig, Measurement
 from sfedge.progress import Progress
 from sfedge.source import resolve_model
-from sfedge.targets import load_target
+from sfedge.targets import Target, load_target
 from sfedge.train import DEMO_MODELS, TrainConfig, holdout_dice, train
 
 __all__ = ["SweepPoint", "SweepResult", "sweep", "evaluate_points", "dense_checkpoint", "parse_s_values", "has_labels"]
@@ -246,9 +246,9 @@ def sweep(
                            progress=lambda m, f=None: say(m, None if f is None else 0.3 + 0.7 * f))
 
 
-def sweep_backend(target: str, precision: str | None, backend: str | None) -> tuple[Any, str, str]:
+def sweep_backend(target: str | Target, precision: str | None, backend: str | None) -> tuple[Target, str, str]:
     """(target, precision, backend) of a sweep or plan: the precision's first backend unless one is named."""
-    tgt = load_target(target)
+    tgt = target if isinstance(target, Target) else load_target(target)
     prec = tgt.check_precision(precision or tgt.default_precision)
     usable = [b for b in tgt.backends if prec in BACKENDS[b].precisions]
     chosen = backend or (usable[0] if usable else tgt.backend)
@@ -261,7 +261,7 @@ def sweep_backend(target: str, precision: str | None, backend: str | None) -> tu
 def evaluate_points(
     vanilla_ckpt: str | os.PathLike[str],
     candidates: Sequence[SweepPoint],
-    tgt: Any,
+    tgt: Target,
     prec: str,
     chosen: str,
     *,

@@ -274,16 +274,19 @@ def measure_layers(subject: Subject, config: MeasureConfig | None = None,
     return layer_profile(times, subject.label, subject.backend, subject.precision, graph)
 
 
-def compare_layers(candidate: LayerProfile, baseline: LayerProfile) -> dict[str, Any]:
+def compare_layers(candidate: LayerProfile, baseline: LayerProfile | None) -> dict[str, Any]:
     """The two profiles aligned by layer (baseline order, then layers only the candidate has), with ratios.
 
     Per row: both times, speed-up (baseline / candidate), both MACs, the MAC
-    ratio and the achieved fraction of it, and both GMAC/s.
+    ratio and the achieved fraction of it, and both GMAC/s.  Without a
+    baseline (an unpaired configuration) the baseline columns are empty.
     """
     rows = []
-    layers = [r.layer for r in baseline.rows] + [r.layer for r in candidate.rows if baseline.row(r.layer) is None]
+    base_rows = baseline.rows if baseline is not None else []
+    layers = [r.layer for r in base_rows] + [r.layer for r in candidate.rows if baseline is None
+                                             or baseline.row(r.layer) is None]
     for layer in layers:
-        a, b = candidate.row(layer), baseline.row(layer)
+        a, b = candidate.row(layer), baseline.row(layer) if baseline is not None else None
         speedup = b.ms / a.ms if a and b and a.ms > 0 else None
         mac_ratio = b.macs / a.macs if a and b and a.macs and b.macs else None
         rows.append({
@@ -294,8 +297,9 @@ def compare_layers(candidate: LayerProfile, baseline: LayerProfile) -> dict[str,
             "candidate_gmacs": a.gmacs if a else None, "baseline_gmacs": b.gmacs if b else None,
             "candidate_ops": a.ops if a else [], "baseline_ops": b.ops if b else [],
         })
-    return {"candidate": candidate.as_dict(), "baseline": baseline.as_dict(), "rows": rows,
-            "candidate_label": candidate.label, "baseline_label": baseline.label, "source": candidate.source}
+    return {"candidate": candidate.as_dict(), "baseline": baseline.as_dict() if baseline else None, "rows": rows,
+            "candidate_label": candidate.label, "baseline_label": baseline.label if baseline else "-",
+            "source": candidate.source}
 
 
 def _f(v: float | None, spec: str) -> str:
@@ -304,7 +308,8 @@ def _f(v: float | None, spec: str) -> str:
 
 def comparison_markdown(comparison: Mapping[str, Any]) -> list[str]:
     """Markdown lines of one aligned comparison (a row per layer, then the totals)."""
-    cand, base = comparison["candidate"], comparison["baseline"]
+    cand, base = comparison["candidate"], comparison["baseline"] or {"layer_sum_ms": float("nan"), "runs": 0,
+                                                                       "run_ms": float("nan"), "notes": []}
     lines = [f"### {comparison['candidate_label']} vs {comparison['baseline_label']} ({comparison['source']})", "",
              "| layer | kind | candidate ms | baseline ms | speed-up | MAC ratio | achieved | candidate GMAC/s | "
              "baseline GMAC/s |", "|---|---|---|---|---|---|---|---|---|"]
