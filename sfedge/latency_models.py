@@ -56,7 +56,7 @@ __all__ = [
 
 # The grid of rank ratios a table measures per layer: the sweep's uniform s (1, 0.5, 0.25, 0.125) so uniform models
 # are predicted from measured entries, plus ranks between them so vector-width steps (12 vs 16) show.
-GRID_S = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
+GRID_S = (1.0, 0.5, 0.375, 0.25, 0.125, 0.0625)
 VALIDATION_S = (1.0, 0.5, 0.25, 0.125)
 # What a kit can be made for: (backend, precision).  ONNX Runtime's Q/DQ int8 runs by dequantizing (it exists for
 # TensorRT), TensorRT's per-layer engines would have to be built on the device.

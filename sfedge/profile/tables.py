@@ -104,6 +104,7 @@ def latency_table_markdown(d: dict[str, Any]) -> list[str]:
         lines += [f"| {v['name']} | {v['predicted_ms']:.3f} | {v['measured_ms']:.3f} | {v['error']:+.1%} |"
                   for v in d["validation"]]
         if d.get("stated_error") is not None:
-            lines += ["", f"Stated error (largest among the factorized validation models): {d['stated_error']:.1%}."]
+            lines += ["", f"Stated error (the worst on the uniform validation models, rounded up to the next 5%): "
+                          f"{d['stated_error']:.0%}."]
     lines += [f"- {n}" for n in d.get("notes") or []]
     return lines
