@@ -62,7 +62,8 @@ from sfedge.targets import Target, load_target
 from sfedge.train import TrainConfig, train
 
 __all__ = [
-    "PLAN_TRAIN", "PROXIES", "PlanResult", "latency_table", "cached_layer_ms", "layer_distortion", "layer_choices",
+    "PLAN_TRAIN", "PROXIES", "PlanResult", "latency_table", "cached_layer_ms", "layer_distortion", "cached_distortion",
+    "layer_choices", "min_dice_plan",
     "make_plans", "distilled_checkpoint", "plan", "table_layer_comparisons", "table_cache_path",
 ]
 
@@ -268,8 +269,9 @@ def layer_distortion(
     return out
 
 
-def _distortion_cached(ckpt: Checkpoint, layer_ranks: Mapping[str, Sequence[int]], proxy: str,
-                       calibration: CalibrationSet | None) -> dict[str, dict[int, float]]:
+def cached_distortion(ckpt: Checkpoint, layer_ranks: Mapping[str, Sequence[int]], proxy: str,
+                      calibration: CalibrationSet | None) -> dict[str, dict[int, float]]:
+    """:func:`layer_distortion`, cached by weights, proxy, ranks and calibration set (minutes for big models)."""
     payload = {"weights": ckpt.weights_sha256, "proxy": proxy, "ranks": {k: list(v) for k, v in layer_ranks.items()},
                "calibration": calibration.sha256 if calibration is not None and proxy == "sensitivity" else None,
                "samples": SENSITIVITY_SAMPLES, "crop": SENSITIVITY_CROP}
@@ -559,7 +561,7 @@ def plan(
                           remote_options=remote_options, refresh=refresh_table, calibration=calib,
                           progress=lambda m, f=None: say(m, None if f is None else 0.4 * f))
     say(f"accuracy proxy ({proxy})", 0.4)
-    distortion = _distortion_cached(dense, {e.name: sorted(e.ranks) for e in table.layers}, proxy,
+    distortion = cached_distortion(dense, {e.name: sorted(e.ranks) for e in table.layers}, proxy,
                                     calib if proxy == "sensitivity" else None)
     plans = make_plans(table, distortion, budgets_ms=budgets_ms, speedups=speedups, proxy=proxy)
     task_name = dense.task or "binary"
