@@ -215,6 +215,7 @@ def run(out: Path) -> str:
     work = out / "plan-work"
     work.mkdir(parents=True, exist_ok=True)
     dense = _dense_checkpoints(work)
+    torch.set_num_threads(1)  # the demo's loader set its own training threads
     only = os.environ.get("SFEDGE_BENCH_PLAN_ONLY")  # e.g. "demo:tflite:fp32" to run one cell while developing
     results = []
     for label, path in dense.items():

@@ -552,7 +552,9 @@ def plan(
     tgt, prec, chosen = sweep_backend(target, precision, backend)
     ck_dir = Path(checkpoints_dir) if checkpoints_dir else Path(bundles_dir) / "plan-checkpoints"
     ck_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     dense_path = dense_checkpoint(model, ck_dir, model_config, weights, task)
+    torch.set_num_threads(threads)  # the demo's loader sets its own training threads; keep the caller's
     dense = load_checkpoint(dense_path)
     shape = input_shape(dense.config, tgt.input_size, dense.model)
     calib = load_calibration(calibration, size=shape[2:])

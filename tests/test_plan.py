@@ -183,3 +183,37 @@ def test_layers_align_an_sfconv_model_with_its_vanilla_pair(demo_checkpoints, tm
     assert (folder / "layers.png").is_file() and "## Per layer" in (folder / "report.md").read_text()
     with open(folder / "layers.csv") as f:
         assert {r["layer"] for r in csv.DictReader(f)} >= set(ranks)
+
+
+def test_cached_layer_ms_prices_a_model_as_it_is(tmp_path, monkeypatch, one_torch_thread):
+    """The API other work (cost-aware mixed precision) calls: layer ms from a cached table, never a measurement."""
+    import copy
+
+    from sfedge.checkpoint import load_checkpoint, save_checkpoint
+    from sfedge.latency_models import model_key
+    from sfedge.nn import factorize
+    from sfedge.plan import cached_layer_ms, table_cache_path
+    from sfedge.preprocess import FUNDUS_PREPROCESSING
+    from sfedge.targets import load_target
+
+    monkeypatch.setenv("SFEDGE_CACHE", str(tmp_path / "cache"))
+    model, dense_path = _dense(tmp_path)
+    target = tmp_path / "plan-test-cpu.toml"
+    target.write_text(SMALL_TARGET)
+    assert cached_layer_ms(dense_path, str(target)) is None, "no table yet: nothing is measured"
+
+    table = _synthetic_table(model, (1, 3, 64, 64))
+    key = model_key(load_checkpoint(dense_path), (1, 3, 64, 64))
+    table.save(table_cache_path(key, load_target(target).name, "onnxruntime", "fp32", 1))
+    dense_ms = cached_layer_ms(dense_path, str(target))
+    assert dense_ms == {e.name: e.dense_ms for e in table.layers}
+
+    planned = copy.deepcopy(model)
+    first = table.layers[1]
+    rank = sorted(first.ranks)[0]
+    factorize(planned, ranks={first.name: rank})
+    path = tmp_path / "planned.safetensors"
+    save_checkpoint(planned, path, preprocessing=FUNDUS_PREPROCESSING, record_factorization=True)
+    priced = cached_layer_ms(path, str(target))
+    assert priced[first.name] == pytest.approx(first.ranks[rank].ms), "an SFConv layer is priced at its rank"
+    assert {k: v for k, v in priced.items() if k != first.name} == {k: v for k, v in dense_ms.items() if k != first.name}
