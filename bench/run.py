@@ -20,7 +20,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "factorizer", "fidelity", "third_party")
+SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "factorizer", "fidelity", "third_party",
+            "plan")
 HERE = Path(__file__).resolve().parent
 
 

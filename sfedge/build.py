@@ -333,6 +333,7 @@ def _manifest(ckpt: Any, source: ModelSource, target: Target, precision: str, ca
             "checkpoint": str(ckpt.path) if ckpt.path else None,
             "source": ckpt.source or {"kind": "registry", "spec": ckpt.name},
             "factorized_layers": len(ckpt.factorized), "metrics": ckpt.metrics, "notes": source.notes,
+            "plan": ckpt.metrics.get("plan"),  # sfedge plan: per layer choice, rank, predicted ms, MACs (or None)
         },
         "target": t,
         "precision": precision,

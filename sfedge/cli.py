@@ -32,6 +32,7 @@ VERBS = (
     ("profile", "sfedge.commands.profile", "measure latency and memory of bundles; SFConv vs vanilla paired"),
     ("compare", "sfedge.commands.compare", "merge profile reports from several devices into one table and figure"),
     ("sweep", "sfedge.commands.sweep", "factorize at several ranks, build, check, profile; Pareto front"),
+    ("plan", "sfedge.commands.plan", "per-layer ranks from latencies measured on the target, under a budget"),
     ("targets", "sfedge.commands.targets", "list the known targets and their device facts"),
     ("doctor", "sfedge.commands.doctor", "first thing on a new device: GPU, TensorRT, a test engine, matching targets"),
     ("inspect", "sfedge.commands.inspect", "describe a model, checkpoint, .onnx, .tflite or bundle"),

@@ -47,10 +47,11 @@ from sfedge.profile.tables import markdown_page, markdown_table, write_csv
 from sfedge.profile.types import MeasureConfig, Measurement
 from sfedge.progress import Progress
 from sfedge.source import resolve_model
-from sfedge.targets import load_target
+from sfedge.targets import Target, load_target
 from sfedge.train import DEMO_MODELS, TrainConfig, holdout_dice, train
 
-__all__ = ["SweepPoint", "SweepResult", "sweep", "parse_s_values", "OUTPUT_KIND"]
+__all__ = ["SweepPoint", "SweepResult", "sweep", "evaluate_points", "dense_checkpoint", "parse_s_values", "has_labels",
+           "OUTPUT_KIND"]
 
 OUTPUT_KIND = "sweep"  # the -o marker (sfedge.fileio.check_output_dir)
 
@@ -59,9 +60,11 @@ OUTPUT_KIND = "sweep"  # the -o marker (sfedge.fileio.check_output_dir)
 class SweepPoint:
     """One rank (or the vanilla model): its bundle, quality and measured latency."""
 
-    name: str  # "vanilla" or "s=0.25"
+    name: str  # "vanilla", "s=0.25" or a plan's name
     s: float | None
     checkpoint: str
+    kind: str = "uniform"  # "vanilla", "uniform" (one s for every layer) or "planned" (sfedge plan: a rank per layer)
+    predicted_ms: float | None = None  # what a latency table predicted for it (sfedge plan), to set beside median_ms
     bundle: str | None = None
     macs: int | None = None
     params: int | None = None
@@ -123,6 +126,9 @@ class SweepResult:
     def _table(self) -> tuple[list[str], list[list[Any]]]:
         header = ["point", "GMAC", "median ms", "vs vanilla (CI)", "Dice agr. vs vanilla", "max abs vs vanilla",
                   "held-out Dice", "front"]
+        predicted = any(p.predicted_ms is not None for p in self.points)
+        if predicted:
+            header.insert(3, "table predicted ms")
         on_parity = {id(p) for p in self.front("dice_agreement")}
         on_dice = {id(p) for p in self.front("holdout_dice")}
         rows = []
@@ -134,6 +140,8 @@ class SweepResult:
                          f"{p.median_ms:.3f}" if p.median_ms is not None else (p.error or "-"), ratio,
                          _fmt(p.dice_agreement, ".4f"), _fmt(p.max_abs_vs_vanilla, ".3g"), _fmt(p.holdout_dice, ".4f"),
                          front or "-"])
+            if predicted:
+                rows[-1].insert(3, _fmt(p.predicted_ms, ".3f"))
         return header, rows
 
     def tables(self) -> list[Any]:
@@ -224,49 +232,88 @@ def sweep(
     by the vanilla weights' hash, s and steps.
     """
     say = progress or (lambda message, fraction=None: None)
-    config = config or MeasureConfig()
-    tgt = load_target(target)
+    tgt, prec, chosen = sweep_backend(target, precision, backend)
+    ck_dir = Path(checkpoints_dir) if checkpoints_dir else Path(bundles_dir) / "sweep-checkpoints"
+    ck_dir.mkdir(parents=True, exist_ok=True)
+    vanilla_ckpt = dense_checkpoint(model, ck_dir, model_config, weights, task)
+    n_steps = len(s_values) + 1
+    step = lambda i, what: (lambda m, f=None: say(f"{what}: {m}", None if f is None else 0.3 * (i + f) / n_steps))  # noqa: E731
+    points = []
+    for i, s in enumerate(s_values, start=1):
+        ck_path = ck_dir / f"{Path(vanilla_ckpt).stem}-s{s:g}.safetensors"
+        tuned = _finetuned_path(vanilla_ckpt, ck_path, finetune_steps) if finetune_steps > 0 else None
+        if tuned is None or not tuned.is_file():
+            say(f"factorizing at s={s:g}", 0.3 * i / n_steps)
+            factorize_checkpoint(vanilla_ckpt, s, ck_path)
+        if tuned is not None:
+            ck_path = _finetune(ck_path, tuned, s, finetune_steps, step(i, f"fine-tuning s={s:g}"))
+        points.append(SweepPoint(f"s={s:g}", s, str(ck_path)))
+    return evaluate_points(vanilla_ckpt, points, tgt, prec, chosen, calibration=calibration, bundles_dir=bundles_dir,
+                           config=config, force=force, labels=labels,
+                           progress=lambda m, f=None: say(m, None if f is None else 0.3 + 0.7 * f))
+
+
+def sweep_backend(target: str | Target, precision: str | None, backend: str | None) -> tuple[Target, str, str]:
+    """(target, precision, backend) of a sweep or plan: the precision's first backend unless one is named."""
+    tgt = target if isinstance(target, Target) else load_target(target)
     prec = tgt.check_precision(precision or tgt.default_precision)
     usable = [b for b in tgt.backends if prec in BACKENDS[b].precisions]
     chosen = backend or (usable[0] if usable else tgt.backend)
     if chosen not in usable:
         raise ConfigError(f"target {tgt.name} builds no {chosen} artifact at {prec}",
                           f"choose --backend from: {', '.join(usable) or 'none'}")
-    ck_dir = Path(checkpoints_dir) if checkpoints_dir else Path(bundles_dir) / "sweep-checkpoints"
-    ck_dir.mkdir(parents=True, exist_ok=True)
-    vanilla_ckpt = _vanilla_checkpoint(model, ck_dir, model_config, weights, task)
-    n_steps = len(s_values) + 1
-    step = lambda i, what: (lambda m, f=None: say(f"{what}: {m}", None if f is None else 0.6 * (i + f) / n_steps))  # noqa: E731
+    return tgt, prec, chosen
 
+
+def evaluate_points(
+    vanilla_ckpt: str | os.PathLike[str],
+    candidates: Sequence[SweepPoint],
+    tgt: Target,
+    prec: str,
+    chosen: str,
+    *,
+    calibration: str = "fundus-demo",
+    bundles_dir: str | os.PathLike[str] = "bundles",
+    config: MeasureConfig | None = None,
+    force: bool = False,
+    labels: bool | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Build the vanilla model and every candidate checkpoint, check them against vanilla, profile all in one run.
+
+    What the sweep and ``sfedge plan`` share: each candidate (uniform s or a
+    plan) becomes a bundle for ``tgt`` at ``prec``, its ``chosen`` artifact is
+    compared with the vanilla model on the held-out inputs, held-out Dice is
+    computed where the data has labels, and every built configuration is
+    measured in one rotating run with the vanilla bundle (paired ratios).  A
+    candidate whose build fails keeps its one-line error.
+    """
+    say = progress or (lambda message, fraction=None: None)
+    config = config or MeasureConfig()
+    n_steps = len(candidates) + 1
+    step = lambda i, what: (lambda m, f=None: say(f"{what}: {m}", None if f is None else 0.6 * (i + f) / n_steps))  # noqa: E731
     say("building the vanilla bundle", 0.0)
     vanilla = build_bundle(vanilla_ckpt, tgt, prec, calibration=calibration, out_dir=bundles_dir, force=force,
                            progress=step(0, "vanilla"))
-    points = [_point("vanilla", None, vanilla_ckpt, vanilla.bundle)]
+    points = [_point("vanilla", None, vanilla_ckpt, vanilla.bundle, "vanilla")]
     built = {id(points[0]): vanilla.bundle}
-    for i, s in enumerate(s_values, start=1):
-        ck_path = ck_dir / f"{Path(vanilla_ckpt).stem}-s{s:g}.safetensors"
-        tuned = _finetuned_path(vanilla_ckpt, ck_path, finetune_steps) if finetune_steps > 0 else None
-        if tuned is None or not tuned.is_file():
-            say(f"factorizing at s={s:g}", 0.6 * i / n_steps)
-            factorize_checkpoint(vanilla_ckpt, s, ck_path)
-        if tuned is not None:
-            ck_path = _finetune(ck_path, tuned, s, finetune_steps, step(i, f"fine-tuning s={s:g}"))
-        point = SweepPoint(f"s={s:g}", s, str(ck_path))
+    for i, cand in enumerate(candidates, start=1):
         try:
-            result = build_bundle(ck_path, tgt, prec, calibration=calibration, out_dir=bundles_dir, force=force,
-                                  progress=step(i, f"s={s:g}"))
+            result = build_bundle(cand.checkpoint, tgt, prec, calibration=calibration, out_dir=bundles_dir, force=force,
+                                  progress=step(i, cand.name))
         except SfedgeError as e:
-            point.error = str(e)
-            points.append(point)
+            cand.error = str(e)
+            points.append(cand)
             continue
-        point = _point(point.name, s, ck_path, result.bundle)
+        point = _point(cand.name, cand.s, cand.checkpoint, result.bundle, cand.kind)
+        point.predicted_ms = cand.predicted_ms
         built[id(point)] = result.bundle
         points.append(point)
 
     say("checking agreement with the vanilla model", 0.62)
     _quality_vs_vanilla([p for p in points if id(p) in built], built, vanilla.bundle, chosen)
     if labels is None:
-        labels = _has_labels(vanilla_ckpt)
+        labels = has_labels(vanilla_ckpt)
     if labels:
         say("held-out Dice on the labels", 0.66)
         _holdout_dice(points)
@@ -289,9 +336,9 @@ def sweep(
     return SweepResult(name, tgt.name, prec, chosen, points, report, notes)
 
 
-def _vanilla_checkpoint(model: str | os.PathLike[str], folder: Path, config: Mapping[str, Any] | None,
-                        weights: str | os.PathLike[str] | None, task: str | None) -> Path:
-    """The dense checkpoint to factorize: a path, a demo model name (trained on first use), or a spec saved once."""
+def dense_checkpoint(model: str | os.PathLike[str], folder: Path, config: Mapping[str, Any] | None = None,
+                     weights: str | os.PathLike[str] | None = None, task: str | None = None) -> Path:
+    """The dense checkpoint to factorize: a path, a demo model name (trained on first use), or a spec saved once in ``folder``."""
     p = Path(model)
     if str(model) in DEMO_MODELS and not (config or weights):
         p = demo_checkpoints()[str(model)]
@@ -328,15 +375,15 @@ def _finetune(factorized: Path, out: Path, s: float, steps: int, say: Progress) 
     return out
 
 
-def _has_labels(ckpt: Path) -> bool:
+def has_labels(ckpt: str | os.PathLike[str]) -> bool:
     """Trained on the fundus demo's pseudo-labels (so held-out Dice means something)."""
     metrics = json.loads(read_checkpoint_header(ckpt).get("metrics") or "{}")
     return "holdout_dice" in metrics
 
 
-def _point(name: str, s: float | None, ckpt: str | Path, bundle: Any) -> SweepPoint:
+def _point(name: str, s: float | None, ckpt: str | Path, bundle: Any, kind: str = "uniform") -> SweepPoint:
     m = bundle.manifest["model"]
-    return SweepPoint(name, s, str(ckpt), str(bundle.path), m.get("macs"), m.get("params"))
+    return SweepPoint(name, s, str(ckpt), kind, bundle=str(bundle.path), macs=m.get("macs"), params=m.get("params"))
 
 
 def _quality_vs_vanilla(points: list[SweepPoint], built: dict[int, Any], vanilla: Any, backend: str) -> None:

@@ -5,6 +5,12 @@ training pipeline: Adam with a one-cycle schedule on random crops with flips,
 and held-out Dice on the right part of the photograph.  It is also what turns
 the demo models into *trained* models, which the parity tests need (untrained
 models give near-constant outputs that hide conversion bugs).
+
+With a ``teacher`` the same loop distils instead: the loss is the distance
+between the model's outputs and the teacher's on the same crops
+(:func:`distill_loss`), so no labels are needed and any images will do (a
+calibration set's samples, ``images=``).  ``sfedge plan`` fine-tunes planned
+and uniformly factorized models this way from their dense original.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from sfedge.preprocess import FUNDUS_GREEN_PREPROCESSING, FUNDUS_PREPROCESSING, 
 from sfedge.tiling import Tiling
 
 __all__ = [
-    "TrainConfig", "TrainResult", "dice_bce_loss", "task_loss", "demo_preprocessing", "train", "holdout_dice",
-    "train_or_load", "save_evaluated", "DEMO_MODELS", "DEMO_FACTORIZERS", "EVAL_TILING",
+    "TrainConfig", "TrainResult", "dice_bce_loss", "task_loss", "distill_loss", "demo_preprocessing", "train",
+    "holdout_dice", "train_or_load", "save_evaluated", "DEMO_MODELS", "DEMO_FACTORIZERS", "EVAL_TILING",
 ]
 
 # How fixed-size models (the Factorizer) are run over the held-out strip: Gaussian blending with half-window
@@ -61,7 +67,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run achieved: held-out Dice (None when not evaluated), loss curve and wall time."""
+    """What a run achieved: held-out Dice (None when not evaluated on the demo labels), loss curve and wall time."""
 
     dice: float | None
     losses: list[float]
@@ -90,6 +96,42 @@ def task_loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Te
         dice = (2 * inter + 1.0) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1.0)
         return (1 - dice).mean() + F.cross_entropy(logits, target)
     raise ConfigError(f"the demo trainer has no objective for a {task} output", "train it with your own code")
+
+
+def distill_loss(task: str, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How far the model's outputs are from the teacher's, for what the output means.
+
+    binary / multilabel: cross-entropy against the teacher's sigmoid (soft
+    targets; its minimum is the teacher's output, and unlike MSE on logits it
+    does not spend the model on logits far from the decision threshold);
+    multiclass: KL(teacher || model) of the class softmax per pixel;
+    regression: mean squared error.
+    """
+    if task in ("binary", "multilabel"):
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher))
+    if task == "multiclass":
+        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher, 1), log_target=True, reduction="none")
+        return kl.sum(1).mean()
+    if task == "regression":
+        return F.mse_loss(logits, teacher)
+    raise ConfigError(f"no distillation objective for a {task} output", "valid tasks: binary, multiclass, multilabel, regression")
+
+
+def _image_batch(images: np.ndarray, batch: int, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """``batch`` random crops (with flips) of preprocessed NCHW ``images``: the distillation batches."""
+    n, _, h, w = images.shape
+    ch, cw = min(crop, h), min(crop, w)
+    out = []
+    for _ in range(batch):
+        i = int(rng.integers(n))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        im = images[i, :, y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            im = im[:, :, ::-1]
+        if rng.random() < 0.5:
+            im = im[:, ::-1]
+        out.append(np.ascontiguousarray(im))
+    return torch.from_numpy(np.stack(out).astype(np.float32))
 
 
 def demo_preprocessing(in_channels: int) -> Preprocessing:
@@ -153,18 +195,27 @@ def train(
     pre: Preprocessing = FUNDUS_PREPROCESSING,
     progress: Callable[[int, float], None] | None = None,
     task: str = "binary",
+    teacher: nn.Module | None = None,
+    images: np.ndarray | None = None,
     evaluate: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on fundus crops; returns held-out Dice (unless ``evaluate`` is False) and the loss curve.
 
     ``task`` says what the output means; the demo's labels for it come from
     :func:`sfedge.datasets.fundus.task_labels` (vessels, and the field of view
-    for 3-class and multilabel models).  Callers that must not lose a long run
-    to a failing evaluation pass ``evaluate=False``, save, then call
-    :func:`holdout_dice` themselves (:func:`save_evaluated`).  Models with a
-    fixed input size train on crops of that size.
+    for 3-class and multilabel models).  With ``teacher`` the loss is
+    :func:`distill_loss` to the teacher's outputs instead (no labels), on
+    random crops of ``images`` (preprocessed float32 NCHW, e.g. a calibration
+    set's samples) or, without them, of the fundus photograph.  ``evaluate``:
+    held-out Dice on the fundus pseudo-labels at the end (meaningless for a
+    model of other images: pass False, and ``dice`` is None).  Callers that
+    must not lose a long run to a failing evaluation pass ``evaluate=False``,
+    save, then call :func:`holdout_dice` themselves (:func:`save_evaluated`).
+    Models with a fixed input size train on crops of that size.
     """
-    demo = demo or load_fundus()
+    if images is not None and teacher is None:
+        raise ConfigError("images without labels can only train by distillation", "pass a teacher model too")
+    demo = demo or (load_fundus() if images is None or evaluate else None)
     crop = fixed_window(model) or config.crop
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -173,13 +224,24 @@ def train(
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
+    if teacher is not None:
+        teacher.eval()
     for step in range(config.steps):
-        images, masks, fovs = random_crops(demo, config.batch, crop, rng, "train", with_fov=True)
-        x = _to_tensor(images, pre)
+        if images is not None:
+            x = _image_batch(images, config.batch, crop, rng)
+        else:
+            crops, masks, fovs = random_crops(demo, config.batch, crop, rng, "train", with_fov=True)
+            x = _to_tensor(crops, pre)
         logits = model(x)
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        y = torch.from_numpy(task_labels(task, logits.shape[1], masks, fovs))
-        loss = task_loss(task, logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x)
+                target = target[0] if isinstance(target, (tuple, list)) else target
+            loss = distill_loss(task, logits, target)
+        else:
+            y = torch.from_numpy(task_labels(task, logits.shape[1], masks, fovs))
+            loss = task_loss(task, logits, y)
         if config.flatness_weight > 0:
             loss = loss + flatness_loss(model, config.flatness_weight, config.flatness_mode)
         opt.zero_grad(set_to_none=True)
@@ -193,8 +255,8 @@ def train(
     for p in model.parameters():  # keep storage contiguous for the TFLite path (litert-torch#1238)
         p.data = p.data.contiguous()
     seconds = time.perf_counter() - start
-    return TrainResult(dice=holdout_dice(model, demo, pre, task) if evaluate else None, losses=losses, seconds=seconds,
-                       steps=config.steps)
+    dice = holdout_dice(model, demo, pre, task) if evaluate else None
+    return TrainResult(dice=dice, losses=losses, seconds=seconds, steps=config.steps)
 
 
 # The demo pair: same U-Net, dense vs SFConv (s=0.25).

@@ -89,6 +89,15 @@ class Runner(abc.ABC):
         """Versions of the runtime libraries in use (for reports and manifests)."""
         return {}
 
+    def layer_times(self) -> dict[str, Any] | None:
+        """Per-node times of every run so far from the runtime's own profiler, when loaded with ``profile_layers``.
+
+        ``{"runs": [ms per run], "nodes": [{"name", "op", "ms": [one per run], "inputs", "outputs"}]}``;
+        None for runtimes without a profiler sfedge can read (then per-layer
+        times come from per-layer models, :mod:`sfedge.profile.latency_table`).
+        """
+        return None
+
     # -- float32 NCHW <-> artifact tensors ------------------------------------
     def prepare(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Model-view input (float32 NCHW) -> feed dict in the artifact's layout and dtype."""

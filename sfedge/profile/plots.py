@@ -20,7 +20,7 @@ from sfedge.profile.emulation import EMULATED_LABEL
 from sfedge.profile.stats import pareto_front
 from sfedge.profile.types import Measurement
 
-__all__ = ["write_report_plots", "plot_compare", "plot_sweep", "MISSING_NOTE"]
+__all__ = ["write_report_plots", "plot_compare", "plot_sweep", "plot_layers", "MISSING_NOTE"]
 
 MISSING_NOTE = f"matplotlib is not installed here, so no plots were drawn ({install_hint('plots')})"
 MIB = 1024 * 1024
@@ -197,13 +197,19 @@ def plot_sweep(points: Sequence[dict[str, Any]], path: Path, title: str) -> str 
         front = {id(p) for p in pareto_front(pts, key)}
         for p in pts:
             on = id(p) in front
-            ax.scatter(p["median_ms"], p[key], s=50 if on else 30, color="tab:red" if on else "tab:gray",
-                       marker="s" if p.get("s") is None else "o", zorder=3)
+            planned = p.get("kind") == "planned"  # sfedge plan's points: per-layer ranks from the latency table
+            ax.scatter(p["median_ms"], p[key], s=60 if on else 35,
+                       color=("tab:blue" if planned else "tab:red") if on else ("lightsteelblue" if planned else "tab:gray"),
+                       marker="D" if planned else ("s" if p.get("s") is None else "o"), zorder=3)
             ax.annotate(p["name"], (p["median_ms"], p[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if any(p.get("kind") == "planned" for p in pts):
+            ax.scatter([], [], marker="D", color="tab:blue", label="planned (per-layer ranks)")
+            ax.scatter([], [], marker="o", color="tab:red", label="uniform s")
         fr = sorted((p for p in pts if id(p) in front), key=lambda p: p["median_ms"])
         if len(fr) > 1:
             ax.step([p["median_ms"] for p in fr], [p[key] for p in fr], where="post", color="tab:red", alpha=0.6,
                     label="Pareto front")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.set_xlabel("median latency (ms)")
         ax.set_ylabel(name)
@@ -211,5 +217,37 @@ def plot_sweep(points: Sequence[dict[str, Any]], path: Path, title: str) -> str 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+@_serialised
+def plot_layers(device: str, comparisons: Sequence[dict[str, Any]], path: Path) -> str | None:
+    """Per-layer time of each candidate against its baseline (one panel per comparison), GMAC/s at the bars."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return MISSING_NOTE
+    n = len(comparisons)
+    heights = [max(3.0, 0.28 * len(c["rows"]) + 1.2) for c in comparisons]
+    fig, axes = plt.subplots(n, 1, squeeze=False, figsize=(9, sum(heights)), height_ratios=heights)
+    for ax, c in zip(axes[:, 0], comparisons):
+        rows = [r for r in c["rows"] if (r["candidate_ms"] or 0) > 0 or (r["baseline_ms"] or 0) > 0]
+        y = np.arange(len(rows))
+        base = [r["baseline_ms"] or 0 for r in rows]
+        cand = [r["candidate_ms"] or 0 for r in rows]
+        ax.barh(y - 0.2, base, height=0.4, color="tab:gray", label=c["baseline_label"])
+        ax.barh(y + 0.2, cand, height=0.4, color="tab:red", label=c["candidate_label"])
+        for yi, r, v in zip(y, rows, cand):
+            if r.get("candidate_gmacs"):
+                ax.text(v, yi + 0.2, f" {r['candidate_gmacs']:.0f} GMAC/s", va="center", fontsize=6)
+        ax.set_yticks(y, [r["layer"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"median ms per inference ({c['source']})")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{device}: time per layer", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return None

@@ -246,8 +246,13 @@ def profile_remote(
     options: RemoteOptions | None = None,
     plots: bool = True,
     progress: Progress | None = None,
+    layers: bool = False,
 ) -> list[RemoteResult]:
     """Profile ``bundles`` (paired with ``pairs``) on every host in parallel; reports land in ``out/<host>``.
+
+    ``layers``: also per-layer times from the runtime's profiler there
+    (``sfedge profile --layers``).  A latency kit given as a bundle is
+    measured there into a latency table (the report carries it back).
 
     Hosts that fail keep their one-line error in the result; the others'
     reports are written regardless.
@@ -274,7 +279,7 @@ def profile_remote(
         result = RemoteResult(host)
         try:
             _profile_one(host, labels[host], paths, names, len(bundles), backend, backends, config, out, options,
-                         plots, result, lambda msg, f=None: lock_progress(i, f"{labels[host]}: {msg}", f))
+                         plots, result, lambda msg, f=None: lock_progress(i, f"{labels[host]}: {msg}", f), layers)
         except RemoteError as e:
             result.error = str(e)
         result.seconds = time.monotonic() - start
@@ -290,7 +295,7 @@ def profile_remote(
 
 def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_bundles: int, backend: str | None,
                  backends: list[str], config: MeasureConfig, out: Path, options: RemoteOptions, plots: bool,
-                 result: RemoteResult, say: Progress) -> None:
+                 result: RemoteResult, say: Progress, layers: bool = False) -> None:
     with remote_bundles(host, label, paths, names, backends, options, result, say) as (remote, run_dir, py):
         argv = [f"bundles/{n}" for n in names[:n_bundles]]
         for n in names[n_bundles:]:
@@ -298,7 +303,7 @@ def _profile_one(host: str, label: str, paths: list[Path], names: list[str], n_b
         if backend:
             argv += ["--backend", backend]
         argv += config.to_argv()
-        argv += ["-o", "report", "--device", label, "--no-plots", "--json"]
+        argv += ["-o", "report", "--device", label, "--no-plots", "--json"] + (["--layers"] if layers else [])
         say("profiling", 0.3)
         remote.ssh(f"cd {shlex.quote(run_dir)} && {py} -m sfedge.cli profile {' '.join(shlex.quote(a) for a in argv)}",
                    "profiling")

@@ -26,8 +26,17 @@ from sfedge.errors import SfedgeError
 from sfedge.fileio import atomic_dir, read_schema_json, write_json
 from sfedge.profile.emulation import EMULATED_LABEL, emulation_info, latency_caption
 from sfedge.profile.plots import write_report_plots
+from sfedge.profile.layers import comparison_markdown
+from sfedge.profile.plots import plot_layers, write_report_plots
 from sfedge.profile.stats import CV_WARNING
-from sfedge.profile.tables import markdown_page, markdown_table, pair_rows, summary_rows, write_csv
+from sfedge.profile.tables import (
+    latency_table_markdown,
+    markdown_page,
+    markdown_table,
+    pair_rows,
+    summary_rows,
+    write_csv,
+)
 from sfedge.profile.types import MeasureConfig, Measurement, Pairing
 
 __all__ = ["SCHEMA", "REPORT_JSON", "OUTPUT_KIND", "Report", "host_info", "load_report"]
@@ -50,6 +59,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     created: str = ""
     schema: str = SCHEMA
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer comparisons (`--layers`), see profile.layers
+    table: dict[str, Any] | None = None  # a latency table, when the run measured a latency kit
 
     @classmethod
     def create(cls, measurements: list[Measurement], pairings: list[Pairing], config: MeasureConfig,
@@ -91,6 +102,7 @@ class Report:
             "schema": self.schema, "created": self.created, "device": self.device, "host": self.host,
             "config": self.config, "measurements": [m.as_dict() for m in self.measurements],
             "pairings": [p.as_dict() for p in self.pairings], "notes": list(self.notes),
+            **({"layers": self.layers} if self.layers else {}), **({"table": self.table} if self.table else {}),
         }
 
     @classmethod
@@ -99,7 +111,8 @@ class Report:
             device=d["device"], host=d.get("host", {}), config=d.get("config", {}),
             measurements=[Measurement.from_dict(m) for m in d["measurements"]],
             pairings=[Pairing.from_dict(p) for p in d.get("pairings", [])], notes=list(d.get("notes", [])),
-            created=d.get("created", ""), schema=d.get("schema", SCHEMA),
+            created=d.get("created", ""), schema=d.get("schema", SCHEMA), layers=list(d.get("layers") or []),
+            table=d.get("table"),
         )
 
     # -- writing ---------------------------------------------------------------------
@@ -116,7 +129,16 @@ class Report:
                                           caption=latency_caption(self.host))
                 if note and note not in self.notes:
                     self.notes.append(note)
+            if plots and self.layers:
+                note = plot_layers(self.device, self.layers, tmp / "layers.png")
+                if note and note not in self.notes:
+                    self.notes.append(note)
             write_json(tmp / REPORT_JSON, self.as_dict())
+            if self.layers:
+                write_csv(tmp / "layers.csv", [
+                    {"device": self.device, "candidate": c["candidate_label"], "baseline": c["baseline_label"],
+                     "source": c["source"], **{k: v for k, v in r.items() if not k.endswith("_ops")}}
+                    for c in self.layers for r in c["rows"]])
             write_csv(tmp / "summary.csv", self.summary_rows())
             write_csv(tmp / "pairs.csv", self.pair_rows())
             write_csv(tmp / "samples.csv", [
@@ -167,6 +189,15 @@ class Report:
               fmt_bytes(m.memory.get("rss_after_load")), fmt_bytes(m.memory.get("rss_after_first")),
               fmt_bytes(m.memory.get("peak_rss_steady")), fmt_bytes(m.memory.get("peak_rss_lifetime")),
               _runtime_memory(m.memory.get("runtime") or {})] for m in self.measurements])
+        if self.layers:
+            lines += ["", "## Per layer", "", "Time per layer from the runtime's own profiler (ONNX Runtime, TensorRT) "
+                      "or from per-layer models (TFLite), aligned by module path: an SFConv pair (conv_a, conv_b) "
+                      "is one row with the dense conv of the same path. Speed-up = baseline / candidate; achieved = "
+                      "speed-up / MAC ratio.", ""]
+            for c in self.layers:
+                lines += comparison_markdown(c) + [""]
+        if self.table:
+            lines += ["", "## Latency table", "", *latency_table_markdown(self.table)]
         if plots:
             lines += ["", "## Plots"]
         return markdown_page(lines, plots, self.notes)

@@ -11,6 +11,7 @@ from pathlib import Path
 from sfedge.backends.registry import backend_for_path
 from sfedge.bundle import is_bundle, load_bundle
 from sfedge.errors import BundleError, ConfigError
+from sfedge.profile.latency_table import is_kit, kit_subjects
 from sfedge.profile.types import Subject
 
 __all__ = ["subjects_from", "pair_up"]
@@ -19,6 +20,8 @@ __all__ = ["subjects_from", "pair_up"]
 def subjects_from(path: str | Path, backend: str | None = None) -> list[Subject]:
     """The configurations in a bundle (every runnable artifact, or the one for ``backend``) or a bare artifact file."""
     p = Path(path)
+    if is_kit(p):  # a latency kit: its whole models (the per-layer ones are measured by measure_kit)
+        return [s for s in kit_subjects(p) if backend in (None, s.backend)]
     if p.is_file():
         found = backend_for_path(p)
         if backend and backend != found:

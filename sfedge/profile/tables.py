@@ -14,7 +14,8 @@ from typing import Any
 
 from sfedge.profile.types import Measurement, Pairing
 
-__all__ = ["summary_rows", "pair_rows", "write_csv", "markdown_table", "markdown_page", "nest_markdown"]
+__all__ = ["summary_rows", "pair_rows", "write_csv", "markdown_table", "markdown_page", "nest_markdown",
+           "latency_table_markdown"]
 
 
 def summary_rows(device: str, measurements: Sequence[Measurement], *, emulated: bool = False) -> list[dict[str, Any]]:
@@ -83,3 +84,29 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def nest_markdown(text: str, levels: int = 1) -> str:
     """``text`` with every heading ``levels`` deeper, to embed a report page as a section of another document."""
     return "\n".join(("#" * levels + line) if line.startswith("#") else line for line in text.splitlines()) + "\n"
+
+
+def latency_table_markdown(d: dict[str, Any]) -> list[str]:
+    """A latency table (:meth:`sfedge.profile.latency_table.LatencyTable.as_dict`) for people: per layer, dense ms
+    and each rank's ms (ratio to dense); then how well it predicts the whole models it was checked against."""
+    runtime = ", ".join(f"{k} {v}" for k, v in (d.get("runtime") or {}).items())
+    lines = [f"Latency table of {d['model']} on {d['target']} ({d['backend']} {d['precision']}, "
+             f"{d.get('threads') or 'default'} threads, {runtime}).", "",
+             "| layer | Ci->Co @ HxW | dense ms | rank: ms (ratio to dense) |", "|---|---|---|---|"]
+    for e in d["layers"]:
+        s = e["shape"]
+        cells = ", ".join(f"{r}: {t['ms']:.3f} ({t['ratio']:.2f})" for r, t in e["ranks"].items())
+        lines.append(f"| {e['name']} | {s['in_channels']}->{s['out_channels']} @ {s['input_hw'][0]}x{s['input_hw'][1]} | "
+                     f"{e['dense_ms']:.3f} | {cells} |")
+    lines += ["", f"Whole dense model: {d['whole_dense_ms']:.3f} ms; unchanged parts (whole minus the layers' isolated "
+                  f"dense times): {d['rest_ms']:.3f} ms. Shapes measured now: {d.get('shapes_measured', 0)}, "
+                  f"from the cache: {d.get('shapes_cached', 0)}."]
+    if d.get("validation"):
+        lines += ["", "| validation model | predicted ms | measured ms | error |", "|---|---|---|---|"]
+        lines += [f"| {v['name']} | {v['predicted_ms']:.3f} | {v['measured_ms']:.3f} | {v['error']:+.1%} |"
+                  for v in d["validation"]]
+        if d.get("stated_error") is not None:
+            lines += ["", f"Stated error (the worst on the uniform validation models, rounded up to the next 5%): "
+                          f"{d['stated_error']:.0%}."]
+    lines += [f"- {n}" for n in d.get("notes") or []]
+    return lines

@@ -15,7 +15,9 @@ triggered by the runtime's output arrays does not land in one configuration's
 samples.  Anything the runtime prints goes to stderr, never into the protocol.
 
 Requests (``cmd``): ``load`` (path, backend, threads, options, input, runner),
-``warmup`` (runs, seconds), ``run`` (count), ``memory``, ``exit``.
+``warmup`` (runs, seconds), ``run`` (count), ``memory``, ``layers`` (count:
+that many more runs, then the runtime profiler's per-node times of those
+runs), ``exit``.
 """
 
 from __future__ import annotations
@@ -169,6 +171,17 @@ class Worker:
             self.sampler.start()
         return result
 
+    def layers(self, count: int = 20) -> dict[str, Any]:
+        """Run ``count`` inferences, then the runtime's per-node times of exactly those runs (``layers`` None: no profiler)."""
+        for _ in range(int(count)):
+            self.runner.infer(self.feed)
+        times = self.runner.layer_times()
+        if times is None:
+            return {"layers": None}
+        keep = slice(len(times["runs"]) - int(count), None)
+        return {"layers": {"runs": times["runs"][keep],
+                           "nodes": [{**n, "ms": n["ms"][keep]} for n in times["nodes"]]}}
+
     def close(self) -> None:
         if self.sampler:
             self.sampler.stop()
@@ -177,7 +190,7 @@ class Worker:
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.pop("cmd", None)
-        if cmd not in ("load", "warmup", "run", "memory"):
+        if cmd not in ("load", "warmup", "run", "memory", "layers"):
             raise ValueError(f"unknown worker command {cmd!r}")
         if cmd != "load" and self.runner is None:
             raise ValueError(f"'{cmd}' before 'load'")

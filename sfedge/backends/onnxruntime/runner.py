@@ -6,7 +6,9 @@ nothing on a device without it.  The build side is :mod:`.make`.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ import psutil
 
 from sfedge.artifact import TensorSpec
 from sfedge.backends.base import Runner
+from sfedge.backends.onnxruntime.graph import read_graph
 from sfedge.backends.registry import missing_runtime
 from sfedge.errors import BackendUnavailable, ExportError, UnknownNameError
 
@@ -45,7 +48,11 @@ class OnnxRuntimeRunner(Runner):
     ``threads`` sets the intra-op thread pool (the target's ``threads``); the
     inter-op pool is 1 and execution sequential, so two runners never fight
     over more cores than asked for.  Options: ``optimization`` ("all",
-    "extended", "basic", "disable"; default "all").
+    "extended", "basic", "disable"; default "all"); ``profile_layers`` (True:
+    ONNX Runtime's own profiler records every node of every run, read with
+    :meth:`layer_times`; it costs a little per node, so latency runs leave it off);
+    ``spinning`` (False: the intra-op pool sleeps between runs instead of
+    spinning, which several sessions sharing one process need).
     """
 
     backend = "onnxruntime"
@@ -67,6 +74,13 @@ class OnnxRuntimeRunner(Runner):
             raise UnknownNameError("ONNX Runtime optimization level", str(level), list(levels))
         opts.graph_optimization_level = levels[level]
         opts.log_severity_level = 3
+        if not self.options.get("spinning", True):
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._profile_dir = None
+        if self.options.get("profile_layers"):
+            self._profile_dir = tempfile.mkdtemp(prefix="sfedge-ort-profile-")
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(self._profile_dir, "ort")
         rss = psutil.Process().memory_info().rss
         start = time.perf_counter()
         try:
@@ -100,25 +114,59 @@ class OnnxRuntimeRunner(Runner):
 
     def _close(self) -> None:
         self.session = None
+        if getattr(self, "_profile_dir", None):
+            import shutil
+
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None
+
+    def layer_times(self) -> dict[str, Any] | None:
+        """Every node's time in every run so far, from ONNX Runtime's profiler (None unless ``profile_layers``).
+
+        Ends the profiling session (ONNX Runtime writes its JSON trace then), so
+        call it once, after the runs to report.  Returns ``{"runs": [run ms],
+        "nodes": [{"name", "op", "ms": [one per run], "inputs", "outputs"}]}``
+        with nodes in execution order; a node's name is the *optimized* graph's
+        (fused and re-laid-out nodes are renamed), see
+        :func:`sfedge.profile.layers.node_layers`.
+        """
+        if not getattr(self, "_profile_dir", None) or getattr(self, "session", None) is None:
+            return None
+        with open(self.session.end_profiling()) as f:
+            events = json.load(f)
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                      if e.get("cat") == "Session" and e.get("name") == "SequentialExecutor::Execute")
+        starts = [r[0] for r in runs]
+        nodes: dict[str, dict[str, Any]] = {}
+        import bisect
+
+        for e in events:
+            if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+                continue
+            run = bisect.bisect_right(starts, e["ts"]) - 1
+            if run < 0:
+                continue
+            name = e["name"][: -len("_kernel_time")]
+            args = e.get("args", {})
+            node = nodes.setdefault(name, {"name": name, "op": args.get("op_name", ""), "ms": [0.0] * len(runs),
+                                           "inputs": _shapes(args.get("input_type_shape")),
+                                           "outputs": _shapes(args.get("output_type_shape"))})
+            node["ms"][run] += e["dur"] / 1e3
+        return {"runs": [(b - a) / 1e3 for a, b in runs], "nodes": list(nodes.values())}
 
     def memory_info(self) -> dict[str, Any]:
         """What can be seen of ONNX Runtime's memory: the file, its weights, the RSS growth while loading.
 
         ONNX Runtime's Python API exposes no arena statistics, so the load
         figure is process-level (psutil), measured around session creation.
-        Weight bytes need the ``onnx`` package (absent on runtime-only devices).
+        Weight bytes are read from the file itself (:mod:`.graph`: no ``onnx``
+        package needed, and no seconds spent importing it in every worker).
         """
         info: dict[str, Any] = {"file_bytes": os.path.getsize(self.path)}
         try:
-            import onnx
-        except ImportError:
-            onnx = None
-        if onnx is not None:
-            model = onnx.load(str(self.path), load_external_data=False)
-            info["weights_bytes"] = sum(
-                int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-                for t in model.graph.initializer
-            )
+            info["weights_bytes"] = read_graph(self.path).weights_bytes
+        except (OSError, ValueError, IndexError):  # not readable as ONNX: the figure is optional
+            pass
         if getattr(self, "session", None) is not None:
             info["rss_load_bytes"] = int(self._rss_load)
             info["load_seconds"] = round(self._load_seconds, 4)
@@ -127,3 +175,12 @@ class OnnxRuntimeRunner(Runner):
     def versions(self) -> dict[str, str]:
         ort = _import_ort()
         return {"onnxruntime": ort.__version__, "execution_provider": "CPUExecutionProvider"}
+
+
+def _shapes(entries: Any) -> list[list[int]]:
+    """[{'float': [1, 16, 64, 64]}, ...] (the profiler's type-and-shape list) -> [[1, 16, 64, 64], ...]."""
+    out = []
+    for e in entries or []:
+        if isinstance(e, dict) and e:
+            out.append([int(v) for v in next(iter(e.values()))])
+    return out

@@ -85,14 +85,50 @@ def activation_bytes(engine: trt.ICudaEngine, tensorrt_version: str) -> int:
     return int(engine.device_memory_size)
 
 
+def _layer_profiler(trt: Any) -> Any:
+    """An ``IProfiler`` collecting ``report_layer_time(layer_name, ms)`` per run (TensorRT 8.5 / 10 Python API docs).
+
+    TensorRT calls ``report_layer_time`` once per layer after each inference
+    when a profiler is attached to the execution context
+    (``context.profiler``; with ``execute_async_v3`` the times are emitted when
+    the stream is synchronized, ``enqueue_emits_profile`` being True by
+    default).  Layer names are the engine's: fused layers join their ONNX node
+    names with " + ".  Written against the docs, never run here (no GPU).
+    """
+
+    class LayerProfiler(trt.IProfiler):
+        def __init__(self) -> None:
+            trt.IProfiler.__init__(self)
+            self.runs: list[dict[str, float]] = []
+            self.current: dict[str, float] = {}
+            self.order: list[str] = []
+
+        def report_layer_time(self, layer_name: str, ms: float) -> None:
+            if layer_name not in self.order:
+                self.order.append(layer_name)
+            self.current[layer_name] = self.current.get(layer_name, 0.0) + float(ms)
+
+        def end_run(self) -> None:
+            self.runs.append(self.current)
+            self.current = {}
+
+    return LayerProfiler()
+
+
 class TensorRTRunner(Runner):
-    """Runs a serialized TensorRT engine (.engine/.plan) on this machine's GPU, with Polygraphy's TrtRunner."""
+    """Runs a serialized TensorRT engine (.engine/.plan) on this machine's GPU, with Polygraphy's TrtRunner.
+
+    Option ``profile_layers``: attach an ``IProfiler`` to the runner's execution
+    context so :meth:`layer_times` gives every layer's time in every run
+    (TensorRT's own per-layer timing).
+    """
 
     backend = "tensorrt"
     _version: str | None = None  # TensorRT's, while loaded
     _gpu: GpuInfo | None = None
     _engine: trt.ICudaEngine | None = None
     _runner: Any = None  # polygraphy.backend.trt.TrtRunner (untyped)
+    _profiler: Any = None  # the IProfiler of ``profile_layers``
 
     def _load(self) -> None:
         gpu = _usable_gpu()
@@ -109,6 +145,11 @@ class TensorRTRunner(Runner):
             engine: trt.ICudaEngine = EngineFromBytes(self.path.read_bytes())()
             runner = TrtRunner(engine, name=self.path.stem)
             runner.activate()
+            if self.options.get("profile_layers"):  # TrtRunner's execution context exists once activated
+                import tensorrt as trt_module
+
+                self._profiler = _layer_profiler(trt_module)
+                runner.context.profiler = self._profiler
         self._version, self._gpu, self._engine, self._runner = version, gpu, engine, runner
         try:
             self.inputs, self.outputs = engine_io(engine)
@@ -125,9 +166,20 @@ class TensorRTRunner(Runner):
             arrays[spec.name] = arr
         with polygraphy_session(BackendUnavailable, f"TensorRT failed to run {self.path.name}",
                                 "see TensorRT's log above"):
-            out = self._runner.infer(arrays)
+            out = self._runner.infer(arrays)  # synchronizes the stream, so the profiler has this run's layers
+        if self._profiler is not None:
+            self._profiler.end_run()
         # Polygraphy returns views of host buffers it reuses on the next call.
         return {spec.name: np.array(out[spec.name], copy=True) for spec in self.outputs}
+
+    def layer_times(self) -> dict[str, Any] | None:
+        """Per-layer times of every run from the attached IProfiler (None unless ``profile_layers``)."""
+        prof = self._profiler
+        if prof is None:
+            return None
+        nodes = [{"name": n, "op": "", "ms": [run.get(n, 0.0) for run in prof.runs], "inputs": [], "outputs": []}
+                 for n in prof.order]
+        return {"runs": [sum(run.values()) for run in prof.runs], "nodes": nodes}
 
     def _close(self) -> None:
         if self._runner is not None and self._runner.is_active:
