@@ -64,8 +64,10 @@ from sfedge.train import TrainConfig, train
 __all__ = [
     "PLAN_TRAIN", "PROXIES", "PlanResult", "latency_table", "cached_layer_ms", "layer_distortion", "cached_distortion",
     "layer_choices", "min_dice_plan",
-    "make_plans", "distilled_checkpoint", "plan", "table_layer_comparisons", "table_cache_path",
+    "make_plans", "distilled_checkpoint", "plan", "table_layer_comparisons", "table_cache_path", "OUTPUT_KIND",
 ]
+
+OUTPUT_KIND = "plan"  # the -o marker (sfedge.fileio.check_output_dir): a plan folder replaces only a plan folder
 
 # The fine-tune every planned and uniform model gets (distillation from the dense model, flattening regularizer).
 PLAN_TRAIN = TrainConfig(steps=300, batch=8, crop=128, lr=1e-3, flatness_weight=1e-3)
@@ -493,7 +495,7 @@ class PlanResult:
     def write(self, folder: str | os.PathLike[str], plots: bool = True) -> Path:
         """plan.json, plan.md, table.json and (when measured) the comparison (sweep.* and profile/) into ``folder``."""
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, kind=OUTPUT_KIND) as tmp:
             figure = None
             if self.comparison is not None:
                 self.comparison.write(tmp / "comparison", plots=plots)

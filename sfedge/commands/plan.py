@@ -10,6 +10,7 @@ from sfedge.commands.model_options import MODEL_HELP, add_model_options, model_o
 from sfedge.commands.profile import default_out
 from sfedge.console import console, err_console, print_json, progress_bar
 from sfedge.errors import ConfigError
+from sfedge.fileio import check_output_dir
 from sfedge.profile.remote import RemoteOptions
 from sfedge.profile.types import MeasureConfig
 
@@ -92,7 +93,7 @@ def register(subparsers: Any, verb: str, help_text: str) -> argparse.ArgumentPar
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from sfedge.plan import PLAN_TRAIN, plan
+    from sfedge.plan import OUTPUT_KIND, PLAN_TRAIN, plan
     from sfedge.profile.latency_table import TABLE_MEASURE
 
     budgets, speedups = parse_numbers(args.budget_ms, "--budget-ms"), parse_numbers(args.speedup, "--speedup")
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                                    python=args.remote_python, install=args.install)
     options = model_options(args)
     out = args.out or default_out("plan")
+    check_output_dir(out, OUTPUT_KIND)  # before the table, the training and the builds, not after
     with progress_bar("plan", enabled=not args.json) as progress:
         result = plan(args.model, args.target, budgets_ms=budgets, speedups=speedups, min_dice=args.min_dice,
                       precision=args.precision, backend=args.backend, proxy=args.proxy,

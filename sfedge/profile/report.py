@@ -25,7 +25,6 @@ from sfedge.console import fmt_bytes, table
 from sfedge.errors import SfedgeError
 from sfedge.fileio import atomic_dir, read_schema_json, write_json
 from sfedge.profile.emulation import EMULATED_LABEL, emulation_info, latency_caption
-from sfedge.profile.plots import write_report_plots
 from sfedge.profile.layers import comparison_markdown
 from sfedge.profile.plots import plot_layers, write_report_plots
 from sfedge.profile.stats import CV_WARNING
