@@ -84,7 +84,8 @@ def _one(label: str, dense_path: Path, backend: str, precision: str, work: Path)
     from sfedge.targets import load_target
     from sfedge.train import TrainConfig
 
-    tfile = work / f"host-cpu-{backend}.toml"
+    tfile = work / "targets" / backend / "host-cpu.toml"  # a target file is named after its target
+    tfile.parent.mkdir(parents=True, exist_ok=True)
     tfile.write_text(TARGET.format(backend=backend, layout="NHWC" if backend == "tflite" else "NCHW"))
     target = load_target(tfile)
     dense = load_checkpoint(dense_path)

@@ -38,9 +38,9 @@ def small(tmp_path_factory):
     from sfedge.targets import load_target
 
     tmp = tmp_path_factory.mktemp("table")
-    (tmp / "t.toml").write_text(TARGET)
+    (tmp / "table-test-cpu.toml").write_text(TARGET)
     torch.manual_seed(0)
-    return checkpoint_of(create_model("unet", widths=[8, 16])), load_target(tmp / "t.toml"), tmp
+    return checkpoint_of(create_model("unet", widths=[8, 16])), load_target(tmp / "table-test-cpu.toml"), tmp
 
 
 def _config():
