@@ -31,6 +31,7 @@ class ArtifactCheck:
     parity: dict[str, float] = field(default_factory=dict)
     built_parity: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    shifted_parity: dict[str, float] = field(default_factory=dict)  # on the shifted split, where the bundle has one
 
 
 @dataclass
@@ -79,6 +80,8 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
         try:
             with runner_for(art.path, backend=art.backend, threads=threads or bundle.manifest["target"].get("threads")) as r:
                 parity = measure(r, inputs, reference, bundle.task)
+                shifted_data = bundle.shifted_reference()
+                shifted = measure(r, *shifted_data, bundle.task) if shifted_data is not None else None
         except BackendUnavailable as e:
             check.reason = str(e)
             continue
@@ -89,6 +92,9 @@ def verify_bundle(path: str | Path, *, backend: str | None = None, threads: int 
             continue
         check.parity = parity.as_dict()
         failures = tolerance.failures(parity)
+        if shifted is not None:
+            check.shifted_parity = shifted.as_dict()
+            failures += [f"shifted split: {f}" for f in tolerance.for_shifted().failures(shifted)]
         check.status = "fail" if failures else "pass"
         check.reason = "; ".join(failures)
     return VerifyReport(str(bundle.path), files, checks)

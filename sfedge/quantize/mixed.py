@@ -13,7 +13,7 @@ kernels approximate it).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ def mixed_precision(
     ranges: dict[str, float],
     method: str = "entropy",
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
+    costs: Mapping[str, float] | None = None,
     progress: Progress | None = None,
 ) -> tuple[Artifact, SearchResult]:
     """The int8 Q/DQ ONNX at ``path`` with the fewest float layers that meet ``tolerance`` (or the search's best).
@@ -90,7 +91,7 @@ def mixed_precision(
     """
     with tempfile.TemporaryDirectory(prefix="sfedge-probe-") as tmp:
         adapter = QdqSearch(fp32, calib, Path(path), ranges, method, score, reference, probe_reference, Path(tmp))
-        result = search(adapter, tolerance, max_float_fraction=max_float_fraction, progress=progress)
+        result = search(adapter, tolerance, max_float_fraction=max_float_fraction, costs=costs, progress=progress)
     artifact = adapter.artifact
     assert artifact is not None  # search always builds at least once
     artifact.meta["mixed_precision"] = {k: v for k, v in result.as_dict().items() if k != "sensitivity"}
