@@ -23,7 +23,7 @@ and what its float layers cost; ``qat`` what the fine-tuning did.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -83,13 +83,15 @@ class Int8Options:
 
 
 def qat_qdq(source: ModelSource, calib: CalibrationSet, workdir: Path, score: Scorer, fp32_tolerance: Tolerance,
-            config: QatConfig, samples: np.ndarray | None = None,
-            progress: Progress | None = None) -> tuple[Artifact, dict[str, float], QatResult, QatModel]:
+            config: QatConfig, samples: np.ndarray | None = None, progress: Progress | None = None,
+            before_strip: Callable[[QatModel], None] | None = None,
+            ) -> tuple[Artifact, dict[str, float], QatResult, QatModel]:
     """QAT in the Q/DQ scheme; the tuned model's fp32 ONNX (in ``workdir``), its learned ranges, the run, the QAT model.
 
     The returned :class:`QatModel` is already stripped (its ``model`` is the
     tuned float model the ONNX was exported from).  ``samples`` default to
-    the calibration split.
+    the calibration split; ``before_strip`` sees the fine-tuned model with
+    its fake quantization still attached (tests compare it with the file).
     """
     workdir = Path(workdir)
     example = torch.from_numpy(np.ascontiguousarray(calib.calibration[:1]))
@@ -115,6 +117,8 @@ def qat_qdq(source: ModelSource, calib: CalibrationSet, workdir: Path, score: Sc
                       config=config, folded=folded, progress=scaled(progress, 0.15, 0.7))
     learned = {qat.owner[m]: qat.quantizer(qat.owner[m]).amax() for m in mapping.values()}  # by pre-export tensor
     module_amax = {m: learned[qat.owner[m]] for m in mapping.values()}
+    if before_strip is not None:
+        before_strip(qat)
     tuned = qat.strip()
     tuned_src = replace(source, model=tuned, name=f"{source.name}-qat", _reference={})
     tell(progress, "QAT: exporting the tuned model", 0.88)
@@ -227,10 +231,14 @@ def _minmax(model: torch.nn.Module, names: Sequence[str], samples: np.ndarray) -
         old = store.get(name)
         store[name] = [min(lo, old[0]), max(hi, old[1])] if old else [lo, hi]
 
-    hooks = []
-    for n in names:
-        hooks.append(modules[n].register_forward_hook(
-            lambda _m, args, out, n=n: (keep(ins, n, args[0]), keep(outs, n, out))))
+    def hook(name: str) -> Callable[..., None]:
+        def record(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            keep(ins, name, args[0])
+            keep(outs, name, out)
+
+        return record
+
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
     try:
         for i in range(len(samples)):
             model(torch.from_numpy(np.ascontiguousarray(samples[i : i + 1])))
