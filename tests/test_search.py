@@ -114,6 +114,24 @@ def test_a_layer_that_fixes_the_gate_alone_is_not_passed_over_for_cheap_useless_
     assert result.float_layers == ["big"] and result.met
 
 
+def test_a_candidate_must_also_meet_the_shifted_split() -> None:
+    """Held-out passes all-int8, the shifted split does not: the search goes on until both hold."""
+    q = ScriptedQuantizer({"a": 0.005, "b": 0.002})
+    shifted_loss = {"a": 0.03, "b": 0.005}
+
+    def shifted() -> Parity:
+        float_now = q.builds[-1]
+        dice = 1.0 - sum(v for n, v in shifted_loss.items() if n not in float_now)
+        return _parity(dice, 1.0 - dice, samples=16)
+
+    tol = Tolerance(dice_agreement=0.98, shifted_dice_agreement=0.97)
+    result = search(q, tol, shifted=shifted)
+    assert result.all_int8_parity.dice_agreement == pytest.approx(0.993)  # held-out alone would stop here
+    assert result.met and result.float_layers == ["a"]
+    assert result.steps[0]["shifted_dice_agreement"] == pytest.approx(0.965)
+    assert result.steps[-1]["shifted_dice_agreement"] == pytest.approx(0.995)
+
+
 def test_layer_role_reads_onnx_and_torch_names() -> None:
     assert layer_role("/inc/inc.0/conv_a/Conv", "Conv") == layer_role("inc.0.conv_a", "Conv") == "sfconv 1xk (to rank r)"
     assert layer_role("down1.conv_b", "Conv") == "sfconv kx1 (rank-r input)"

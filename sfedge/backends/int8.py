@@ -155,6 +155,7 @@ def qdq_int8(
     reference = source.reference(holdout)
     probe = calib.calibration[:PROBE_SAMPLES]
     probe_reference = source.reference(probe)
+    shifted_reference = source.reference(calib.shifted) if calib.has_shifted and calib.shifted is not None else None
     qat_record: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="sfedge-int8-") as tmp_name:
         tmp = Path(tmp_name)
@@ -176,7 +177,7 @@ def qdq_int8(
             _, result = mixed_precision(
                 base, calib, tmp / f"candidate-{method}.onnx", reference=reference, probe_reference=probe_reference,
                 tolerance=tolerance, score=score, ranges=ranges, method=method, costs=options.costs,
-                max_float_fraction=options.max_float_fraction, progress=sub,
+                max_float_fraction=options.max_float_fraction, shifted_reference=shifted_reference, progress=sub,
             )
             tried[method] = {"met": result.met, "float_layers": list(result.float_layers),
                              "float_cost": result.float_cost, "total_cost": result.total_cost,

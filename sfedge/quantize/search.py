@@ -37,7 +37,7 @@ The three policies, decided once here:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -161,26 +161,41 @@ def search(
     *,
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
     costs: Mapping[str, float] | None = None,
+    shifted: Callable[[], Parity] | None = None,
     progress: Progress | None = None,
 ) -> SearchResult:
     """Quantize everything; on a miss, move layers to float by gain per cost until ``tolerance`` holds.
 
     ``costs`` ({layer name: cost}, e.g. measured ms from a latency table)
-    overrides the adapter's ``cost`` for the layers it names.  The last
+    overrides the adapter's ``cost`` for the layers it names.  ``shifted``
+    scores the candidate just built on the shifted held-out split (augmented
+    inputs): a candidate meets the gate only when that parity also meets
+    ``tolerance.for_shifted()``.  The last
     candidate the adapter built is the result (met or not): the caller gates
     it and deletes it on a miss.  See the module docstring for the policies.
     """
     start = time.perf_counter()
     tell(progress, "quantizing every layer to int8", 0.05)
+    shifted_tol = tolerance.for_shifted()
+
+    def misses(p: Parity) -> list[str]:
+        out = tolerance.failures(p)
+        if not out and shifted is not None:
+            steps_shifted[len(steps)] = s = shifted()
+            out = [f"shifted split: {f}" for f in shifted_tol.failures(s)]
+        return out
+
+    steps_shifted: dict[int, Parity] = {}
     parity = all_int8 = adapter.build([])
     steps = [_step(0, None, parity)]
+    missed = misses(parity)
     layers = list(adapter.layers())
     costs = {layer.name: float(costs[layer.name]) if costs and layer.name in costs else float(adapter.cost(layer.name))
              for layer in layers}
     budget = int(max_float_fraction * len(layers))
     ranking: list[LayerSensitivity] = []
     chosen: list[str] = []
-    if tolerance.failures(parity) and budget:
+    if missed and budget:
         ranking = _rank(adapter, layers, costs, progress)
         for sens in ranking[:budget]:
             chosen.append(sens.layer)
@@ -188,9 +203,12 @@ def search(
                  0.7 + 0.3 * len(chosen) / max(1, budget))
             parity = adapter.build(chosen)
             steps.append(_step(len(chosen), sens.layer, parity))
-            if not tolerance.failures(parity):
+            missed = misses(parity)
+            if not missed:
                 break
-    met = not tolerance.failures(parity)
+    met = not missed
+    for i, p in steps_shifted.items():
+        steps[i - 1]["shifted_dice_agreement"] = p.dice_agreement
     tell(progress, f"mixed precision: {len(chosen)} layer(s) in float, tolerance {'met' if met else 'missed'}", 1.0)
     return SearchResult(
         tolerance=tolerance.as_dict(), met=met, float_layers=chosen, layers=len(layers), budget=budget,

@@ -158,6 +158,8 @@ def make(
             costs={k: float(v) for k, v in macs_by_module(built.model, built.input_shape).items()},
             max_float_fraction=max_float_fraction, allow_int16=int16, float_io=options.float_io,
             search_costs=dict(options.costs) if options.costs else None, progress=progress,
+            shifted=(calibration.shifted, source.reference(calibration.shifted))
+            if calibration.has_shifted and calibration.shifted is not None else None,
         )
         assert result.parity is not None
         parity = result.parity

@@ -409,6 +409,7 @@ def quantize_tflite(
     allow_int16: bool = False,
     float_io: bool = False,
     search_costs: dict[str, float] | None = None,
+    shifted: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize ``float_path`` to ``precision`` with the shared search, keeping layers float until ``tolerance`` holds.
@@ -421,7 +422,8 @@ def quantize_tflite(
     module docstring).  Full-integer files take and give int8 unless
     ``float_io`` (then float32 in and out, see :func:`io_regexes`);
     ``search_costs`` ({layer: measured ms}) replace ``costs`` (MACs) in the
-    search's ranking.
+    search's ranking; ``shifted`` (inputs, torch outputs) must also meet the
+    shifted split's floor.
     """
     float_path, path = Path(float_path), Path(path)
     if float_io and precision == "int8":
@@ -433,7 +435,9 @@ def quantize_tflite(
     layers = weighted_ops(float_path, namer, exclude=keep_float, float_input=float_io)
     adapter = TfliteSearch(float_path, path, precision, qsvs, layers, keep_float, activation_bits or 8, score,
                            holdout, probe, costs)
-    found = search(adapter, tolerance, max_float_fraction=max_float_fraction, costs=search_costs, progress=progress)
+    shifted_score = (lambda: score(adapter.path, *shifted)) if shifted is not None else None
+    found = search(adapter, tolerance, max_float_fraction=max_float_fraction, costs=search_costs, shifted=shifted_score,
+                   progress=progress)
     result = QuantizeResult(path, precision, adapter.recipe, activation_bits, list(found.float_layers), found.parity,
                             search=found)
     note = found.note()
