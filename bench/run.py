@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "fidelity")
+SECTIONS = ("models", "onnx_qdq", "tflite", "int8", "tensorrt", "profiler", "fidelity")
 HERE = Path(__file__).resolve().parent
 
 
