@@ -303,7 +303,7 @@ def _manifest(ckpt: Any, source: ModelSource, target: Target, precision: str, ca
         "calibration": {"name": calib.name, "sha256": calib.sha256, "samples": len(calib.calibration),
                         "holdout": len(calib.holdout), "source": calib.files[:3],
                         "shifted": 0 if calib.shifted is None else len(calib.shifted),
-                        "augment": calib.spec.augment.as_dict()},
+                        "augment": calib.spec.augment.as_dict(), "preprocessing": calib.spec.preprocessing.as_dict()},
         "toolchain": tools,
         "artifacts": [a.as_dict(base=root) for a in artifacts],
         "reference": {"inputs": "holdout_inputs.npy", "outputs": "holdout_reference.npy",
@@ -341,7 +341,7 @@ def _readme(m: dict) -> str:
     if pre:
         lines.append(f"Preprocessing: image / 255, then (x - mean) / std with mean {pre.get('mean')} and std {pre.get('std')} "
                      f"({pre.get('channels')} channels).")
-    lines += _int8_io_lines(m["artifacts"], pre)
+    lines += _int8_io_lines(m["artifacts"], pre or m["calibration"].get("preprocessing") or {})
     lines += ["", f"Output: {TASK_MEANING.get(model.get('task') or 'binary', '')}"]
     notes = [n for a in m["artifacts"] for n in a.get("notes", [])]
     lines += [

@@ -126,3 +126,46 @@ def test_qat_recovers_int8_agreement_where_calibration_misses(demo_sources, tmp_
                        write_ranges_file=False).parity
     assert qat.mean_abs < 0.8 * ptq.mean_abs, (qat.summary(), ptq.summary())
     assert qat.dice_agreement > ptq.dice_agreement, (qat.summary(), ptq.summary())
+
+
+TINY_TARGET = """
+name = "tiny-host"
+description = "host CPU at 32x32 (tests)"
+backend = ["onnxruntime", "tflite"]
+precisions = ["fp32", "int8"]
+default_precision = "int8"
+layout = "NCHW"
+threads = 1
+input_size = [32, 32]
+[tolerances.int8]
+dice_agreement = 0.0
+fallback_cosine = 0.0
+shifted_dice_agreement = 0.0
+"""
+
+
+@pytest.mark.slow
+def test_a_qat_build_writes_int8_io_and_learned_scales_into_the_bundle(tiny, tmp_path) -> None:
+    """The whole path: --qat through build_bundle for ONNX Runtime and TFLite, the README's pixel map, verify."""
+    from sfedge.backends.int8 import Int8Options
+    from sfedge.build import build_bundle
+    from sfedge.verify import verify_bundle
+
+    src, _ = tiny
+    target = tmp_path / "tiny-host.toml"
+    target.write_text(TINY_TARGET)
+    res = build_bundle(src.model, target, "int8", out_dir=tmp_path / "b", int8=Int8Options(qat_steps=3))
+    m = res.bundle.manifest
+    arts = {a["backend"]: a for a in m["artifacts"]}
+    assert set(arts) == {"onnxruntime", "tflite"} and not res.failures
+    assert arts["onnxruntime"]["meta"]["mixed_precision"]["method"] == "qat"
+    assert arts["onnxruntime"]["meta"]["qat"]["steps"] == 3 and arts["tflite"]["meta"]["qat"]["steps"] == 3
+    tfl = arts["tflite"]
+    assert tfl["inputs"][0]["dtype"] == "int8" and tfl["outputs"][0]["dtype"] == "int8"  # full-integer I/O
+    for a in arts.values():
+        assert a["shifted_parity"]["samples"] == 16
+    readme = (res.path / "README.md").read_text()
+    assert "uint8 pixel p -> int8 q" in readme and "shifted held-out" in readme
+    assert (res.path / "shifted_inputs.npy").is_file() and m["reference"]["shifted"]["inputs"] == "shifted_inputs.npy"
+    report = verify_bundle(res.path)
+    assert report.passed and all(c.shifted_parity for c in report.artifacts if c.status == "pass")

@@ -126,7 +126,8 @@ def _bundle(path: Path) -> dict[str, Any]:
             "calibration": m["calibration"], "toolchain": m["toolchain"],
             "artifacts": [{**{k: a.get(k) for k in ("backend", "kind", "path", "precision", "size", "parity",
                                                     "shifted_parity", "float_layers")},
-                           "int8_input": _int8_input(a, m["model"].get("preprocessing"))}
+                           "int8_input": _int8_input(a, m["model"].get("preprocessing")
+                                                     or m["calibration"].get("preprocessing"))}
                           for a in m["artifacts"]],
             "files_ok": fc.passed, "files_changed": fc.changed, "files_missing": fc.missing}
 
