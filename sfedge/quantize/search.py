@@ -6,7 +6,7 @@ layers float, how to probe one layer alone, what a layer costs) and
 :func:`search` runs the same loop for all of them.  Numpy only: the loop is
 tested in milliseconds with a scripted adapter.
 
-The three policies, decided once here:
+The policies, decided once here:
 
 1. **Rank only on a miss.**  If every layer in int8 already meets the
    tolerance, no layer is probed (the probes cost one quantized model and
