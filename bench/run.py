@@ -20,8 +20,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-SECTIONS = ("models", "onnx_qdq", "tflite", "tensorrt", "profiler", "factorizer", "fidelity", "third_party",
-            "plan")
+SECTIONS = ("models", "onnx_qdq", "tflite", "int8", "tensorrt", "profiler", "factorizer", "fidelity",
+            "third_party", "plan")
 HERE = Path(__file__).resolve().parent
 
 

@@ -66,6 +66,7 @@ class Artifact:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    shifted_parity: Parity | None = None  # the same on the shifted (augmented) held-out split, where there is one
 
     @property
     def companions(self) -> list[Path]:
@@ -83,6 +84,7 @@ class Artifact:
             "inputs": [t.as_dict() for t in self.inputs], "outputs": [t.as_dict() for t in self.outputs],
             "float_layers": list(self.float_layers), "parity": self.parity.as_dict() if self.parity else {},
             "files": [rel(f) for f in self.files], "notes": list(self.notes), "meta": dict(self.meta),
+            "shifted_parity": self.shifted_parity.as_dict() if self.shifted_parity else {},
         }
 
     @classmethod
@@ -95,6 +97,7 @@ class Artifact:
             inputs=[TensorSpec.from_dict(t) for t in d["inputs"]], outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
             float_layers=list(d.get("float_layers", [])), parity=Parity.from_dict(d.get("parity") or {}),
             files=[ab(f) for f in d.get("files", [])], notes=list(d.get("notes", [])), meta=dict(d.get("meta", {})),
+            shifted_parity=Parity.from_dict(d.get("shifted_parity") or {}),
         )
 
 

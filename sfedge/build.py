@@ -32,6 +32,7 @@ from torch import nn
 
 from sfedge import __version__, errors
 from sfedge.artifact import Artifact
+from sfedge.backends.int8 import Int8Options
 from sfedge.backends.maker import maker
 from sfedge.backends.registry import BACKENDS
 from sfedge.bundle import MANIFEST, SCHEMA, SIGNATURE, Bundle, check_files, hash_files, load_bundle
@@ -44,6 +45,7 @@ from sfedge.models.specs import weights_sha256
 from sfedge.models.tiled import torch_predictor
 from sfedge.nn import count_macs, count_params, factorize, fold
 from sfedge.parity import Parity, tolerance_for
+from sfedge.preprocess import Preprocessing, int8_pixel_map_text
 from sfedge.progress import Progress, scaled
 from sfedge.signing import sign_bytes
 from sfedge.source import ModelSource, resolve_model
@@ -92,7 +94,8 @@ class BuildResult:
             "failures": self.failures,
             "artifacts": [
                 {"backend": a["backend"], "kind": a["kind"], "size": a.get("size"), "parity": a.get("parity", {}),
-                 "float_layers": len(a.get("float_layers", [])), "parity_on": a.get("parity_on", {})}
+                 "shifted_parity": a.get("shifted_parity", {}), "float_layers": len(a.get("float_layers", [])),
+                 "parity_on": a.get("parity_on", {})}
                 for a in m["artifacts"]
             ],
         }
@@ -152,6 +155,7 @@ def build_bundle(
     calibration: str | os.PathLike[str] = "fundus-demo",
     out_dir: str | os.PathLike[str] = "bundles",
     force: bool = False,
+    int8: Int8Options | None = None,
     progress: Progress | None = None,
     verify_on: VerifyOn | None = None,
     sign: str | os.PathLike[str] | None = None,
@@ -164,7 +168,9 @@ def build_bundle(
     what the output means (default: the checkpoint's, else detected from the
     output channels); ``tolerances`` overrides keys of the target's tolerance
     for ``precision`` (recorded in the manifest); ``require`` lists backends
-    whose failure fails the build (others are recorded and skipped).  Errors
+    whose failure fails the build (others are recorded and skipped).  ``int8``
+    (:class:`sfedge.backends.int8.Int8Options`: QAT steps, calibration
+    methods, float I/O, measured layer costs) says how int8 quantizes.  Errors
     (unknown target or precision, corrupt checkpoint, bad calibration set,
     every backend failing) leave no bundle folder behind.  ``verify_on``
     (:class:`sfedge.verify_on.VerifyOn`) also verifies the bundle on remote
@@ -209,7 +215,10 @@ def build_bundle(
         )
     backends = [b for b in tgt.backends if prec in BACKENDS[b].precisions]
     tools = toolchain_versions()
-    key = _build_key(source, tgt, prec, calib, tools, {"tolerances": dict(tolerances or {})})
+    opts: dict[str, Any] = {"tolerances": dict(tolerances or {})}
+    if int8 is not None and int8 != Int8Options():
+        opts["int8"] = int8.as_dict()
+    key = _build_key(source, tgt, prec, calib, tools, opts)
     dest = Path(out_dir) / bundle_name(ckpt, tgt, prec)
     with locked(dest):  # a second build of the same bundle waits here, then finds it up to date
         cached = None if force else _up_to_date(dest, key, sign, verify_on)
@@ -255,7 +264,7 @@ def _build(ckpt: Checkpoint, source: ModelSource, tgt: Target, prec: str, calib:
             say(f"{b} {prec}", 0.1 + 0.8 * i / len(backends))
             sub = scaled(say, 0.1 + 0.8 * i / len(backends), 0.8 / len(backends), b)
             try:
-                artifacts.append(maker(b)(source, tgt, prec, calib, tmp, progress=sub))
+                artifacts.append(maker(b)(source, tgt, prec, calib, tmp, progress=sub, int8=int8))
             except SfedgeError as e:
                 if b in require or len(backends) == 1:
                     raise
@@ -274,9 +283,20 @@ def _build(ckpt: Checkpoint, source: ModelSource, tgt: Target, prec: str, calib:
         except ConfigError as e:  # a model that cannot be tiled still gets its bundle, without whole-image checks
             whole = None
             say(f"no whole-image reference: {e}", None)
+        if calib.has_shifted:
+            assert calib.shifted is not None
+            np.save(tmp / "shifted_inputs.npy", calib.shifted)
+            np.save(tmp / "shifted_reference.npy", source.reference(calib.shifted))
         manifest = _manifest(ckpt, source, tgt, prec, calib, tools, key, artifacts, tmp, count_params(source.model),
                              count_macs(source.model, source.input_shape))
         manifest["failures"] = failures
+        if calib.has_shifted:
+            manifest["reference"]["shifted"] = {
+                "inputs": "shifted_inputs.npy", "outputs": "shifted_reference.npy",
+                "what": "augmented held-out samples (other scale, exposure, contrast, blur, noise; never calibrated "
+                        "on) and the fp32 torch model's outputs on them"}
+        if int8 is not None:
+            manifest["int8_options"] = int8.as_dict()
         manifest["tolerance_overrides"] = dict(tolerances or {})
         manifest["whole_image"] = whole
         write_text(tmp / "README.md", _readme(manifest) + readme_section(manifest))
@@ -338,7 +358,9 @@ def _manifest(ckpt: Any, source: ModelSource, target: Target, precision: str, ca
         "target": t,
         "precision": precision,
         "calibration": {"name": calib.name, "sha256": calib.sha256, "samples": len(calib.calibration),
-                        "holdout": len(calib.holdout), "source": calib.files[:3]},
+                        "holdout": len(calib.holdout), "source": calib.files[:3],
+                        "shifted": 0 if calib.shifted is None else len(calib.shifted),
+                        "augment": calib.spec.augment.as_dict(), "preprocessing": calib.spec.preprocessing.as_dict()},
         "toolchain": tools,
         "artifacts": [a.as_dict(base=root) for a in artifacts],
         "reference": {"inputs": "holdout_inputs.npy", "outputs": "holdout_reference.npy",
@@ -357,15 +379,16 @@ def _readme(m: dict) -> str:
         "",
         "## Artifacts",
         "",
-        "| backend | file | precision | parity vs torch (held-out) | layers kept float |",
-        "|---|---|---|---|---|",
+        "| backend | file | precision | parity vs torch (held-out) | shifted held-out | layers kept float |",
+        "|---|---|---|---|---|---|",
     ]
     for a in m["artifacts"]:
         par = Parity.from_dict(a.get("parity"))
+        shifted = Parity.from_dict(a.get("shifted_parity"))
         lines.append(f"| {a['backend']} | `{a['path']}` | {a['precision']} | {par.summary() if par else '-'} | "
-                     f"{len(a.get('float_layers', []))} |")
+                     f"{shifted.summary() if shifted else '-'} | {len(a.get('float_layers', []))} |")
     for f in m.get("failures") or []:
-        lines.append(f"| {f['backend']} | not built | {m['precision']} | {f['error']} | - |")
+        lines.append(f"| {f['backend']} | not built | {m['precision']} | {f['error']} | - | - |")
     inp = m["artifacts"][0]["inputs"][0] if m["artifacts"] and m["artifacts"][0]["inputs"] else None
     pre = model.get("preprocessing") or {}
     lines += ["", "## Input", ""]
@@ -375,6 +398,7 @@ def _readme(m: dict) -> str:
     if pre:
         lines.append(f"Preprocessing: image / 255, then (x - mean) / std with mean {pre.get('mean')} and std {pre.get('std')} "
                      f"({pre.get('channels')} channels).")
+    lines += _int8_io_lines(m["artifacts"], pre or m["calibration"].get("preprocessing") or {})
     lines += ["", f"Output: {TASK_MEANING.get(model.get('task') or 'binary', '')}"]
     notes = [n for a in m["artifacts"] for n in a.get("notes", [])]
     lines += [
@@ -391,6 +415,25 @@ def _readme(m: dict) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]
     return "\n".join(lines) + "\n"
+
+
+def _int8_io_lines(artifacts: list[dict], pre: dict) -> list[str]:
+    """README lines for each artifact with int8 I/O: the uint8-pixel -> int8 input map and the output's scale."""
+    out: list[str] = []
+    for a in artifacts:
+        ins, outs = a.get("inputs") or [], a.get("outputs") or []
+        if not ins or not ins[0].get("scale"):
+            continue
+        i = ins[0]
+        out += ["", f"`{a['path']}` takes int8: real = {i['scale']:.6g} * (q - {i['zero_point']}). From camera bytes:"]
+        if pre:
+            text = int8_pixel_map_text(Preprocessing.from_dict(pre), float(i["scale"]), int(i["zero_point"]))
+            out.append(f"{text} (`sfedge.preprocess.pixels_to_int8`).")
+        o = outs[0] if outs else {}
+        if o.get("scale"):
+            out.append(f"Its output is int8 too: real = {o['scale']:.6g} * (q - {o['zero_point']}); a logit > 0 is "
+                       f"q > {o['zero_point']}.")
+    return out
 
 
 def factorize_checkpoint(

@@ -137,6 +137,16 @@ class Bundle:
         except (KeyError, OSError, ValueError) as e:
             raise BundleError(f"bundle {self.path} has no readable reference data ({e})", "rebuild the bundle") from e
 
+    def shifted_reference(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(shifted held-out inputs, fp32 torch outputs) when the bundle stores a shifted split, else None."""
+        ref = (self.manifest.get("reference") or {}).get("shifted")
+        if not ref:
+            return None
+        try:
+            return np.load(self.path / ref["inputs"]), np.load(self.path / ref["outputs"])
+        except (KeyError, OSError, ValueError) as e:
+            raise BundleError(f"bundle {self.path} has unreadable shifted reference data ({e})", "rebuild the bundle") from e
+
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a folder with a manifest."""

@@ -15,6 +15,16 @@ A calibration set is described by a small TOML spec in ``calibration/``::
     holdout = 16                   # held-out samples for parity checks (never used to calibrate)
     seed = 0
     size = [256, 256]              # optional: default is the target's input size
+    [augment]                      # optional (these are the defaults): camera-like variation, see sfedge.augment
+    scale = [0.75, 1.33]           # zoom; exposure, contrast, blur (sigma px) and noise (std) likewise
+    copies = 1                     # augmented copies of each calibration sample join the calibration split
+    shifted = 16                   # augmented held-out samples: the shifted split parity is also gated on
+
+The calibration split holds the ``count`` samples followed by their
+augmented copies; the *shifted* split holds augmented held-out samples
+(other scale, exposure, contrast, blur, noise; never calibrated on), so
+every gate also says how an artifact does on inputs unlike the calibration
+crops.
 
 One :class:`CalibrationSet` type feeds every backend: ONNX Runtime's Q/DQ
 calibrators (``onnx_reader``), the TFLite quantizer (``tflite_samples``) and
@@ -37,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfedge.augment import DEFAULT_AUGMENT, Augment, augment_samples, parse_augment
 from sfedge.datasets.fundus import DEMO_SCALE, load_fundus_image
 from sfedge.errors import CalibrationError, UnknownNameError
 from sfedge.preprocess import FUNDUS_PREPROCESSING, Preprocessing
@@ -48,7 +59,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 BUILTINS = ("fundus-demo",)
-SPEC_KEYS = ("name", "description", "source", "preprocessing", "sampling")
+SPEC_KEYS = ("name", "description", "source", "preprocessing", "sampling", "augment")
 SOURCE_KEYS = ("folder", "glob", "builtin")
 SAMPLING_KEYS = ("count", "holdout", "seed", "size", "scale")
 
@@ -67,23 +78,26 @@ class CalibrationSpec:
     size: tuple[int, int] | None = None
     scale: float | None = None
     path: str | None = None
+    augment: Augment = DEFAULT_AUGMENT
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "description": self.description, "source": self.source,
             "preprocessing": self.preprocessing.as_dict(), "count": self.count, "holdout": self.holdout,
             "seed": self.seed, "size": list(self.size) if self.size else None, "scale": self.scale,
+            "augment": self.augment.as_dict(),
         }
 
 
 @dataclass
 class CalibrationSet:
-    """Preprocessed calibration and held-out samples, float32 (N, C, H, W), plus where they came from."""
+    """Preprocessed calibration, held-out and shifted held-out samples, float32 (N, C, H, W), and their origin."""
 
     spec: CalibrationSpec
     calibration: np.ndarray
     holdout: np.ndarray
     files: list[str] = field(default_factory=list)
+    shifted: np.ndarray | None = None  # augmented held-out samples (None or empty: no shifted split)
 
     @property
     def name(self) -> str:
@@ -100,13 +114,20 @@ class CalibrationSet:
         h = hashlib.sha256(json.dumps(self.spec.as_dict(), sort_keys=True).encode())
         h.update(np.ascontiguousarray(self.calibration).tobytes())
         h.update(np.ascontiguousarray(self.holdout).tobytes())
+        if self.shifted is not None and len(self.shifted):
+            h.update(np.ascontiguousarray(self.shifted).tobytes())
         return h.hexdigest()
 
+    @property
+    def has_shifted(self) -> bool:
+        """Whether a shifted held-out split exists (the gates check it when it does)."""
+        return self.shifted is not None and len(self.shifted) > 0
+
     def batches(self, split: str = "calibration", layout: str = "NCHW", batch: int = 1) -> Iterator[np.ndarray]:
-        """Samples of ``split`` ("calibration" or "holdout") in ``layout``, ``batch`` at a time."""
-        data = self.calibration if split == "calibration" else self.holdout if split == "holdout" else None
+        """Samples of ``split`` ("calibration", "holdout" or "shifted") in ``layout``, ``batch`` at a time."""
+        data = {"calibration": self.calibration, "holdout": self.holdout, "shifted": self.shifted}.get(split)
         if data is None:
-            raise CalibrationError(f"unknown split '{split}'", "use 'calibration' or 'holdout'")
+            raise CalibrationError(f"unknown split '{split}'", "use 'calibration', 'holdout' or 'shifted'")
         if layout == "NHWC":
             data = np.ascontiguousarray(data.transpose(0, 2, 3, 1))
         for i in range(0, len(data), batch):
@@ -137,7 +158,8 @@ class OnnxCalibrationReader:
     def __init__(self, calib: CalibrationSet, input_name: str, split: str = "calibration", start: int = 0,
                  stop: int | None = None) -> None:
         self._calib, self._name, self._split = calib, input_name, split
-        total = len(calib.calibration if split == "calibration" else calib.holdout)
+        data = {"calibration": calib.calibration, "holdout": calib.holdout, "shifted": calib.shifted}.get(split)
+        total = 0 if data is None else len(data)
         self._start, self._stop = start, total if stop is None else min(stop, total)
         self.rewind()
 
@@ -237,7 +259,9 @@ def _parse_spec(path: Path) -> CalibrationSpec:
     scale = sampling.get("scale")
     if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
         raise _spec_err(path, f"bad value {scale!r} for 'sampling.scale'", "give a positive number")
+    augment = parse_augment(data["augment"], f"calibration spec {path}") if "augment" in data else DEFAULT_AUGMENT
     return CalibrationSpec(
+        augment=augment,
         name=str(data.get("name", path.stem)),
         description=str(data.get("description", "")),
         source=source,
@@ -279,7 +303,7 @@ def load_calibration(
     n_cal = min(spec.count, len(files) - n_hold)
     chosen = files[:n_cal] + files[len(files) - n_hold :]
     samples = np.stack([spec.preprocessing.apply(_read_image(f, spec.preprocessing.channels, hw)) for f in chosen])
-    return CalibrationSet(spec, samples[:n_cal], samples[n_cal:], [str(f) for f in chosen])
+    return _augmented(CalibrationSet(spec, samples[:n_cal], samples[n_cal:], [str(f) for f in chosen]))
 
 
 def _where(spec: CalibrationSpec) -> str:
@@ -411,7 +435,7 @@ def _fundus_demo(spec: CalibrationSpec, hw: tuple[int, int]) -> CalibrationSet:
 
     cal = np.stack(crops(spec.count, 0, half))
     hold = np.stack(crops(spec.holdout, half, w))
-    return CalibrationSet(spec, cal, hold, [f"skimage.data.retina() scale={scale}"])
+    return _augmented(CalibrationSet(spec, cal, hold, [f"skimage.data.retina() scale={scale}"]))
 
 
 def _fundus_scale(spec: CalibrationSpec, hw: tuple[int, int]) -> float:
@@ -447,3 +471,14 @@ def holdout_image(calib: CalibrationSet) -> tuple[np.ndarray, str]:
     top, left = max(0, (h - WHOLE_IMAGE_MAX) // 2), max(0, (w - WHOLE_IMAGE_MAX) // 2)
     arr = arr[top : top + WHOLE_IMAGE_MAX, left : left + WHOLE_IMAGE_MAX]
     return np.ascontiguousarray(arr), str(path) + (" (centre crop)" if arr.shape[:2] != (h, w) else "")
+
+
+
+def _augmented(cs: CalibrationSet) -> CalibrationSet:
+    """``cs`` with its spec's augmented calibration copies appended and its shifted held-out split made."""
+    aug, pre = cs.spec.augment, cs.spec.preprocessing
+    n = len(cs.calibration)
+    copies = augment_samples(cs.calibration, pre, aug, aug.copies * n, cs.spec.seed * 1000 + aug.seed)
+    cs.calibration = np.concatenate([cs.calibration, copies]) if len(copies) else cs.calibration
+    cs.shifted = augment_samples(cs.holdout, pre, aug, aug.shifted, cs.spec.seed * 1000 + aug.seed + 7919)
+    return cs

@@ -13,7 +13,8 @@ import numpy as np
 
 from sfedge.errors import ConfigError
 
-__all__ = ["Preprocessing", "FUNDUS_PREPROCESSING", "FUNDUS_GREEN_PREPROCESSING"]
+__all__ = ["Preprocessing", "FUNDUS_PREPROCESSING", "FUNDUS_GREEN_PREPROCESSING", "int8_pixel_map", "pixels_to_int8",
+           "int8_pixel_map_text"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,39 @@ class Preprocessing:
 FUNDUS_PREPROCESSING = Preprocessing(channels=3, mean=(0.625, 0.249, 0.181), std=(0.348, 0.153, 0.110))
 # The green channel alone (1-channel models on the fundus demo; calibration/fundus-demo-green.toml).
 FUNDUS_GREEN_PREPROCESSING = Preprocessing(channels=1, mean=(0.249,), std=(0.153,))
+
+
+def int8_pixel_map(pre: Preprocessing, scale: float, zero_point: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (a, b) with ``q = clip(round(a[c] * p + b[c]), -128, 127)`` for a uint8 pixel ``p``.
+
+    Why: a full-integer artifact takes int8; a camera gives uint8.  The
+    model's preprocessing ((p / 255 - mean) / std) and the input's
+    quantization (real = scale * (q - zero_point)) fold into one affine map
+    per channel, so an app converts camera bytes with one multiply-add (or a
+    256-entry table per channel) and never forms the float image.
+    """
+    mean = np.asarray(pre.mean, np.float64)
+    std = np.asarray(pre.std, np.float64)
+    a = 1.0 / (255.0 * std * scale)
+    b = zero_point - mean / (std * scale)
+    return a, b
+
+
+def pixels_to_int8(image: np.ndarray, pre: Preprocessing, scale: float, zero_point: int) -> np.ndarray:
+    """uint8 pixels (H, W, C) -> the int8 input tensor (C, H, W) of a full-integer artifact (see :func:`int8_pixel_map`)."""
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        raise ConfigError(f"pixels_to_int8 takes uint8 pixels, got {x.dtype}", "pass the camera's 8-bit image")
+    if x.ndim == 2:
+        x = x[..., None]
+    a, b = int8_pixel_map(pre, scale, zero_point)
+    q = np.round(np.moveaxis(x, -1, 0).astype(np.float64) * a[:, None, None] + b[:, None, None])
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def int8_pixel_map_text(pre: Preprocessing, scale: float, zero_point: int) -> str:
+    """The map of :func:`int8_pixel_map` as one line a bundle README and ``sfedge inspect`` print."""
+    a, b = int8_pixel_map(pre, scale, zero_point)
+    per = ", ".join(f"c{c}: a={a[c]:.6g}, b={b[c]:.6g}" for c in range(len(a)))
+    return (f"uint8 pixel p -> int8 q = clip(round(a[c] * p + b[c]), -128, 127) with {per} "
+            f"(= round(((p / 255 - mean[c]) / std[c]) / {scale:.6g}) + {zero_point})")

@@ -72,6 +72,7 @@ class ArtifactCheck:
     parity: dict[str, float] = field(default_factory=dict)
     built_parity: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    shifted_parity: dict[str, float] = field(default_factory=dict)  # on the shifted split, where the bundle has one
 
 
 @dataclass
@@ -317,6 +318,8 @@ def verify_bundle(
         try:
             with runner_for(art.path, backend=art.backend, threads=threads or bundle.manifest["target"].get("threads")) as r:
                 parity = measure(r, inputs, reference, bundle.task)
+                shifted_data = bundle.shifted_reference()
+                shifted = measure(r, *shifted_data, bundle.task) if shifted_data is not None else None
         except BackendUnavailable as e:
             check.reason = str(e)
             continue
@@ -327,6 +330,9 @@ def verify_bundle(
             continue
         check.parity = parity.as_dict()
         failures = policy.tolerance.failures(parity)
+        if shifted is not None:
+            check.shifted_parity = shifted.as_dict()
+            failures += [f"shifted split: {f}" for f in policy.tolerance.for_shifted().failures(shifted)]
         check.status = "fail" if failures else "pass"
         check.reason = "; ".join(failures)
     if not files_only and not any(c.status != "skipped" for c in checks):

@@ -45,14 +45,15 @@ def _images(folder: Path, n: int, channels: int = 3, size: int = 48) -> None:
 def test_fundus_demo_is_deterministic_with_disjoint_splits() -> None:
     a = load_calibration("fundus-demo", (64, 64))
     b = load_calibration("fundus-demo", (64, 64))
-    assert a.calibration.shape == (32, 3, 64, 64) and a.holdout.shape == (16, 3, 64, 64)
+    n = 32 * (1 + a.spec.augment.copies)  # the 32 crops, then their augmented copies
+    assert a.calibration.shape == (n, 3, 64, 64) and a.holdout.shape == (16, 3, 64, 64)
     assert a.sha256 == b.sha256 and np.array_equal(a.calibration, b.calibration)
     assert a.calibration.std() > 0.3  # real image content, not constants
     reader = a.onnx_reader("input")
     batches = []
     while (item := reader.get_next()) is not None:
         batches.append(item["input"])
-    assert len(batches) == 32 and batches[0].shape == (1, 3, 64, 64)
+    assert len(batches) == n and batches[0].shape == (1, 3, 64, 64)
     part = a.onnx_reader("input", "holdout", 4, 7)
     assert len(part) == 3 and np.array_equal(part.get_next()["input"][0], a.holdout[4])
     nhwc = next(a.batches("holdout", layout="NHWC"))
@@ -63,7 +64,7 @@ def test_a_folder_of_images_is_read_resized_and_split(tmp_path: Path) -> None:
     _images(tmp_path / "imgs", 7)
     np.save(tmp_path / "imgs" / "extra.npy", np.zeros((30, 30, 3), np.uint8))
     c = load_calibration(_spec(tmp_path, tmp_path / "imgs"), (32, 32))
-    assert c.calibration.shape == (4, 3, 32, 32) and c.holdout.shape == (2, 3, 32, 32)
+    assert c.calibration.shape == (4 * (1 + c.spec.augment.copies), 3, 32, 32) and c.holdout.shape == (2, 3, 32, 32)
     assert not set(c.files[:4]) & set(c.files[4:])
 
 

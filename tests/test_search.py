@@ -94,6 +94,44 @@ def test_float_cost_is_recorded() -> None:
     assert "1 of 2 layers" in result.note() and "75%" in result.note()
 
 
+def test_of_two_layers_that_fix_the_gate_alike_the_cheap_one_goes_float() -> None:
+    """Policy 4: a full-resolution layer (expensive) and a deep one (cheap) add the same error; either alone
+    in float meets the gate, and the search keeps the cheap one float."""
+    q = ScriptedQuantizer({"full_res": 0.015, "deep": 0.015, "other": 0.001},
+                          cost={"full_res": 400.0, "deep": 25.0, "other": 100.0})
+    result = search(q, TOL)
+    assert result.met and result.float_layers == ["deep"] and result.float_cost == 25.0
+    assert [s.layer for s in result.sensitivity][:2] == ["deep", "full_res"]
+    # error alone (equal costs) would not prefer either; a latency table given as ``costs`` overrides MACs
+    flipped = search(ScriptedQuantizer(q.loss, cost=q.costs), TOL, costs={"full_res": 1.0, "deep": 9.0})
+    assert flipped.float_layers == ["full_res"] and flipped.float_cost == 1.0
+
+
+def test_a_layer_that_fixes_the_gate_alone_is_not_passed_over_for_cheap_useless_ones() -> None:
+    """Gain per cost still needs gain: a cheap layer adding no error ranks below an expensive one that does."""
+    q = ScriptedQuantizer({"big": 0.03, "tiny": 0.0}, cost={"big": 1000.0, "tiny": 1.0})
+    result = search(q, TOL)
+    assert result.float_layers == ["big"] and result.met
+
+
+def test_a_candidate_must_also_meet_the_shifted_split() -> None:
+    """Held-out passes all-int8, the shifted split does not: the search goes on until both hold."""
+    q = ScriptedQuantizer({"a": 0.005, "b": 0.002})
+    shifted_loss = {"a": 0.03, "b": 0.005}
+
+    def shifted() -> Parity:
+        float_now = q.builds[-1]
+        dice = 1.0 - sum(v for n, v in shifted_loss.items() if n not in float_now)
+        return _parity(dice, 1.0 - dice, samples=16)
+
+    tol = Tolerance(dice_agreement=0.98, shifted_dice_agreement=0.97)
+    result = search(q, tol, shifted=shifted)
+    assert result.all_int8_parity.dice_agreement == pytest.approx(0.993)  # held-out alone would stop here
+    assert result.met and result.float_layers == ["a"]
+    assert result.steps[0]["shifted_dice_agreement"] == pytest.approx(0.965)
+    assert result.steps[-1]["shifted_dice_agreement"] == pytest.approx(0.995)
+
+
 def test_layer_role_reads_onnx_and_torch_names() -> None:
     assert layer_role("/inc/inc.0/conv_a/Conv", "Conv") == layer_role("inc.0.conv_a", "Conv") == "sfconv 1xk (to rank r)"
     assert layer_role("down1.conv_b", "Conv") == "sfconv kx1 (rank-r input)"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sfedge.artifact import Artifact
+from sfedge.backends.int8 import Int8Options
 from sfedge.backends.registry import backend_info
 from sfedge.calibration import CalibrationSet
 from sfedge.errors import ConfigError
@@ -28,11 +29,13 @@ class Maker(Protocol):
 
     The artifact's parity against torch on ``calibration.holdout`` is measured
     and gated (:func:`sfedge.parity.gate`) before it is returned; a miss
-    raises ParityError and leaves nothing of the artifact behind.
+    raises ParityError and leaves nothing of the artifact behind.  ``int8``
+    says how int8 quantizes (QAT, calibration methods, float I/O, costs);
+    a backend without int8 ignores it.
     """
 
     def __call__(self, source: ModelSource, target: Target, precision: str, calibration: CalibrationSet,
-                 workdir: Path, *, progress: Progress | None = None) -> Artifact: ...
+                 workdir: Path, *, progress: Progress | None = None, int8: Int8Options | None = None) -> Artifact: ...
 
 
 def maker(name: str) -> Maker:

@@ -69,6 +69,17 @@ def register(sub: argparse._SubParsersAction, verb: str, help_text: str) -> argp
                         "the manifest): max_abs, relative_max_abs, cosine, dice_agreement, fallback_cosine, psnr")
     p.add_argument("--require", action="append", default=[], metavar="BACKEND",
                    help="fail the build if this backend's artifact fails (repeatable; default: keep the others)")
+    p.add_argument("--qat", type=int, default=0, metavar="STEPS",
+                   help="int8: quantization-aware fine-tuning for STEPS steps (distillation from the fp32 model on the "
+                        "calibration images) before quantizing; 0 (default) calibrates only")
+    p.add_argument("--float-io", action="store_true",
+                   help="int8 TFLite: float32 input and output (default: full-integer, int8 in and out)")
+    p.add_argument("--method", action="append", default=[], choices=("entropy", "percentile", "minmax"),
+                   help="int8 calibration method(s) to try, the one with the least float cost wins "
+                        "(repeatable; default entropy and percentile)")
+    p.add_argument("--layer-costs", metavar="JSON",
+                   help="int8: {layer name: ms} measured per layer (a latency table) to price float layers "
+                        "in the mixed-precision search (default: MACs)")
     p.add_argument("--dry-run", action="store_true", help="list the (target, precision) builds and stop")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_options(p)
@@ -113,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     verify_on = _verify_on(args)
     overrides = parse_tolerance_overrides(args.tolerance)
     options = model_options(args)
+    options["int8"] = int8_options(args)
     with progress_bar("build", total=len(jobs), enabled=not args.json) as bar:
         for i, (t, p) in enumerate(jobs):
             sub = scaled(bar, i / len(jobs), 1 / len(jobs), f"{t.name} {p}")
@@ -145,6 +157,28 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if any(r.partial for r in results) else 0
 
 
+def int8_options(args: argparse.Namespace) -> Any:
+    """The build's :class:`sfedge.backends.int8.Int8Options` from --qat, --float-io, --method and --layer-costs."""
+    import json
+
+    from sfedge.backends.int8 import DEFAULT_METHODS, Int8Options
+    from sfedge.errors import ConfigError
+
+    costs = None
+    if getattr(args, "layer_costs", None):
+        try:
+            costs = json.loads(Path(args.layer_costs).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--layer-costs {args.layer_costs}: cannot read it as JSON ({e})",
+                              'give a JSON object {"layer name": milliseconds}') from e
+        if not isinstance(costs, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in costs.values()):
+            raise ConfigError(f"--layer-costs {args.layer_costs} is not an object of non-negative numbers",
+                              'give a JSON object {"layer name": milliseconds}')
+    return Int8Options(qat_steps=getattr(args, "qat", 0) or 0, float_io=bool(getattr(args, "float_io", False)),
+                       methods=tuple(dict.fromkeys(getattr(args, "method", None) or DEFAULT_METHODS)),
+                       costs=costs)
+
+
 def bundles_table(title: str, results: list) -> Any:
     """One row per artifact of each BuildResult: where it is for, its size, parity (on the devices too, when
     verified there) and whether it was rebuilt."""
@@ -157,11 +191,12 @@ def bundles_table(title: str, results: list) -> Any:
         for a in s["artifacts"]:
             par = a["parity"]
             rows.append([s["model"], s["target"], s["precision"], a["backend"], a["kind"], fmt_bytes(a["size"]),
-                         par.get("max_abs"), par.get("cosine"), par.get("dice_agreement"), a["float_layers"],
+                         par.get("max_abs"), par.get("cosine"), par.get("dice_agreement"),
+                         (a.get("shifted_parity") or {}).get("dice_agreement"), a["float_layers"],
                          *([parity_on_text(a)] if on_device else []),
                          "cached" if s["cached"] else f"built {s['seconds']}s", s["bundle"]])
     return table(title, ["model", "target", "precision", "backend", "artifact", "size", "max abs", "cosine",
-                         "mask Dice vs torch", "float layers", *(["on the device"] if on_device else []), "status",
+                         "mask Dice vs torch", "shifted", "float layers", *(["on the device"] if on_device else []), "status",
                          "folder"], rows)
 
 

@@ -124,9 +124,25 @@ def _bundle(path: Path) -> dict[str, Any]:
             "precision": m["precision"], "created": m["created"], "sfedge_version": m["sfedge_version"],
             "weights_sha256": m["model"]["weights_sha256"], "params": m["model"]["params"], "macs": m["model"]["macs"],
             "calibration": m["calibration"], "toolchain": m["toolchain"],
-            "artifacts": [{k: a.get(k) for k in ("backend", "kind", "path", "precision", "size", "parity", "float_layers")}
+            "artifacts": [{**{k: a.get(k) for k in ("backend", "kind", "path", "precision", "size", "parity",
+                                                    "shifted_parity", "float_layers")},
+                           "int8_input": _int8_input(a, m["model"].get("preprocessing")
+                                                     or m["calibration"].get("preprocessing"))}
                           for a in m["artifacts"]],
             "files_ok": fc.passed, "files_changed": fc.changed, "files_missing": fc.missing}
+
+
+def _int8_input(artifact: dict[str, Any], pre: dict[str, Any] | None) -> str | None:
+    """How camera bytes become this artifact's int8 input (None for a float input)."""
+    from sfedge.preprocess import Preprocessing, int8_pixel_map_text
+
+    ins = artifact.get("inputs") or []
+    if not ins or not ins[0].get("scale"):
+        return None
+    i = ins[0]
+    if not pre:
+        return f"int8 input: real = {i['scale']:.6g} * (q - {i['zero_point']})"
+    return int8_pixel_map_text(Preprocessing.from_dict(pre), float(i["scale"]), int(i["zero_point"]))
 
 
 def _print(info: dict[str, Any]) -> None:
@@ -161,4 +177,9 @@ def _print(info: dict[str, Any]) -> None:
                            if k in ("max_abs", "cosine", "dice_agreement") and v is not None),
                  len(a["float_layers"] or [])] for a in info["artifacts"]]
         console.print(table("artifacts", ["backend", "kind", "path", "precision", "size", "parity", "float layers"], rows))
+        for a in info["artifacts"]:
+            if a.get("shifted_parity"):
+                console.print(f"{a['path']}: shifted held-out mask Dice {a['shifted_parity'].get('dice_agreement')}")
+            if a.get("int8_input"):
+                console.print(f"{a['path']}: {a['int8_input']}")
         console.print(f"toolchain: {', '.join(f'{k} {v}' for k, v in info['toolchain'].items())}")

@@ -13,7 +13,7 @@ kernels approximate it).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +80,27 @@ def mixed_precision(
     ranges: dict[str, float],
     method: str = "entropy",
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
+    costs: Mapping[str, float] | None = None,
+    shifted_reference: np.ndarray | None = None,
     progress: Progress | None = None,
 ) -> tuple[Artifact, SearchResult]:
     """The int8 Q/DQ ONNX at ``path`` with the fewest float layers that meet ``tolerance`` (or the search's best).
 
     ``reference`` are the torch outputs for ``calib.holdout`` (the gate);
     ``probe_reference`` those for the first samples of ``calib.calibration``
-    (the ranking).  The caller gates the returned artifact.
+    (the ranking); ``costs`` ({layer: measured ms}) replace the MACs as the
+    price of a float layer; with ``shifted_reference`` (torch outputs for
+    ``calib.shifted``) a candidate must also meet the shifted split's floor.
+    The caller gates the returned artifact.
     """
     with tempfile.TemporaryDirectory(prefix="sfedge-probe-") as tmp:
         adapter = QdqSearch(fp32, calib, Path(path), ranges, method, score, reference, probe_reference, Path(tmp))
-        result = search(adapter, tolerance, max_float_fraction=max_float_fraction, progress=progress)
+        shifted = None
+        if shifted_reference is not None and calib.shifted is not None:
+            def shifted() -> Parity:
+                return score(adapter.path, calib.shifted, shifted_reference)
+        result = search(adapter, tolerance, max_float_fraction=max_float_fraction, costs=costs, shifted=shifted,
+                        progress=progress)
     artifact = adapter.artifact
     assert artifact is not None  # search always builds at least once
     artifact.meta["mixed_precision"] = {k: v for k, v in result.as_dict().items() if k != "sensitivity"}

@@ -262,7 +262,7 @@ def _ort_quantize(src: Any, dst: Path, cache: Path, ranges: dict[str, float], me
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     ort_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                  "entropy": CalibrationMethod.Entropy}[method]
+                  "entropy": CalibrationMethod.Entropy}.get(method, CalibrationMethod.MinMax)  # qat: learned ranges
     data = {name: TensorData(lowest=np.array(-amax, np.float32), highest=np.array(amax, np.float32))
             for name, amax in ranges.items()}
     save_tensors_data(TensorsData(ort_method, data), cache)

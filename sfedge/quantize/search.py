@@ -6,7 +6,7 @@ layers float, how to probe one layer alone, what a layer costs) and
 :func:`search` runs the same loop for all of them.  Numpy only: the loop is
 tested in milliseconds with a scripted adapter.
 
-The three policies, decided once here:
+The policies, decided once here:
 
 1. **Rank only on a miss.**  If every layer in int8 already meets the
    tolerance, no layer is probed (the probes cost one quantized model and
@@ -21,15 +21,23 @@ The three policies, decided once here:
    int8 model; the result says the tolerance was missed and the caller's gate
    fails with the numbers.
 
-The order is the sensitivity ranking (most sensitive first); ``cost`` (MACs,
-or measured latency where a table exists) is recorded for every layer and
-summed over what stayed float, so a manifest says what the float layers cost.
+4. **Rank by parity gained per unit cost.**  A layer's *gain* is the error
+   it adds alone in int8 (its probe's mean |error|: what keeping it float
+   buys back); its *cost* is what running it in float costs: measured
+   milliseconds where a latency table exists (``costs``, e.g. from the
+   profiler's per-layer tables), else the adapter's ``cost`` (MACs).  Layers
+   go float in decreasing gain / cost, the greedy order of a knapsack: of two
+   layers that fix the gate alike, the cheap one goes float (issue 13; until
+   then the order was error alone, which kept the full-resolution layers,
+   the costliest, in float).  Layers whose cost is unknown (0) are priced at
+   the mean known cost.  The cost of what stayed float is summed, so a
+   manifest says what the float layers cost.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -86,10 +94,16 @@ class LayerSensitivity:
     dice_agreement: float | None  # None where the probe samples' masks cannot be judged
     samples: int
     cost: float = 0.0
+    priced: float = 0.0  # the cost the ranking divides by (unknown costs priced at the mean known cost)
+
+    @property
+    def gain_per_cost(self) -> float:
+        """The ranking key (policy 4): error bought back per unit of float cost."""
+        return self.score / self.priced if self.priced > 0 else self.score
 
     @property
     def score(self) -> float:
-        """The ranking key (higher = more sensitive): mean |error| of the output logits.
+        """The layer's gain (higher = more sensitive): mean |error| of the output logits with it alone in int8.
 
         Mean error rather than mask Dice: with one layer quantized most masks
         barely change, and the continuous error still orders layers by the
@@ -100,6 +114,7 @@ class LayerSensitivity:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["score"] = self.score
+        d["gain_per_cost"] = self.gain_per_cost
         return d
 
 
@@ -145,24 +160,42 @@ def search(
     tolerance: Tolerance,
     *,
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
+    costs: Mapping[str, float] | None = None,
+    shifted: Callable[[], Parity] | None = None,
     progress: Progress | None = None,
 ) -> SearchResult:
-    """Quantize everything; on a miss, move the most sensitive layers to float until ``tolerance`` holds.
+    """Quantize everything; on a miss, move layers to float by gain per cost until ``tolerance`` holds.
 
-    The last candidate the adapter built is the result (met or not): the
-    caller gates it and deletes it on a miss.  See the module docstring for
-    the policies.
+    ``costs`` ({layer name: cost}, e.g. measured ms from a latency table)
+    overrides the adapter's ``cost`` for the layers it names.  ``shifted``
+    scores the candidate just built on the shifted held-out split (augmented
+    inputs): a candidate meets the gate only when that parity also meets
+    ``tolerance.for_shifted()``.  The last
+    candidate the adapter built is the result (met or not): the caller gates
+    it and deletes it on a miss.  See the module docstring for the policies.
     """
     start = time.perf_counter()
     tell(progress, "quantizing every layer to int8", 0.05)
+    shifted_tol = tolerance.for_shifted()
+
+    def misses(p: Parity) -> list[str]:
+        out = tolerance.failures(p)
+        if not out and shifted is not None:
+            steps_shifted[len(steps)] = s = shifted()
+            out = [f"shifted split: {f}" for f in shifted_tol.failures(s)]
+        return out
+
+    steps_shifted: dict[int, Parity] = {}
     parity = all_int8 = adapter.build([])
     steps = [_step(0, None, parity)]
+    missed = misses(parity)
     layers = list(adapter.layers())
-    costs = {layer.name: float(adapter.cost(layer.name)) for layer in layers}
+    costs = {layer.name: float(costs[layer.name]) if costs and layer.name in costs else float(adapter.cost(layer.name))
+             for layer in layers}
     budget = int(max_float_fraction * len(layers))
     ranking: list[LayerSensitivity] = []
     chosen: list[str] = []
-    if tolerance.failures(parity) and budget:
+    if missed and budget:
         ranking = _rank(adapter, layers, costs, progress)
         for sens in ranking[:budget]:
             chosen.append(sens.layer)
@@ -170,9 +203,12 @@ def search(
                  0.7 + 0.3 * len(chosen) / max(1, budget))
             parity = adapter.build(chosen)
             steps.append(_step(len(chosen), sens.layer, parity))
-            if not tolerance.failures(parity):
+            missed = misses(parity)
+            if not missed:
                 break
-    met = not tolerance.failures(parity)
+    met = not missed
+    for i, p in steps_shifted.items():
+        steps[i - 1]["shifted_dice_agreement"] = p.dice_agreement
     tell(progress, f"mixed precision: {len(chosen)} layer(s) in float, tolerance {'met' if met else 'missed'}", 1.0)
     return SearchResult(
         tolerance=tolerance.as_dict(), met=met, float_layers=chosen, layers=len(layers), budget=budget,
@@ -184,14 +220,17 @@ def search(
 
 def _rank(adapter: SearchAdapter, layers: Sequence[SearchLayer], costs: dict[str, float],
           progress: Progress | None) -> list[LayerSensitivity]:
-    """Each layer alone in int8 on the probe samples, most sensitive first."""
+    """Each layer alone in int8 on the probe samples, in decreasing gain per cost (policy 4)."""
+    known = [c for c in costs.values() if c > 0]
+    fill = sum(known) / len(known) if known else 1.0
     out = []
     for i, layer in enumerate(layers):
         tell(progress, f"sensitivity {i + 1}/{len(layers)}: {layer.name}", 0.1 + 0.6 * i / max(1, len(layers)))
         p = adapter.probe(layer.name)
         out.append(LayerSensitivity(layer.name, layer.op_type, layer.role or layer_role(layer.name, layer.op_type),
-                                    p.max_abs, p.mean_abs, p.cosine, p.dice_agreement, p.samples, costs[layer.name]))
-    out.sort(key=lambda s: s.score, reverse=True)
+                                    p.max_abs, p.mean_abs, p.cosine, p.dice_agreement, p.samples, costs[layer.name],
+                                    costs[layer.name] if costs[layer.name] > 0 else fill))
+    out.sort(key=lambda s: s.gain_per_cost, reverse=True)
     return out
 
 

@@ -19,20 +19,20 @@ with the target's tolerance.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from sfedge.artifact import Artifact
+from sfedge.backends.int8 import Int8Options, qdq_int8
 from sfedge.backends.onnxruntime.runner import OnnxRuntimeRunner
 from sfedge.calibration import CalibrationSet
 from sfedge.errors import UnknownNameError
 from sfedge.export import export_onnx
 from sfedge.parity import Parity, Scorer, gate, measure
 from sfedge.progress import Progress, scaled
-from sfedge.quantize.mixed import PROBE_SAMPLES, mixed_precision
 from sfedge.quantize.qdq import to_fp16
-from sfedge.quantize.ranges import compute_ranges
 from sfedge.quantize.search import DEFAULT_MAX_FLOAT_FRACTION
 from sfedge.source import ModelSource
 from sfedge.targets import Target
@@ -60,13 +60,18 @@ def make(
     workdir: Path,
     *,
     progress: Progress | None = None,
-    method: str = "entropy",
+    method: str | None = None,
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
+    int8: Int8Options | None = None,
 ) -> Artifact:
     """Build the ONNX Runtime artifact for ``precision`` in ``workdir``, gated on the held-out split.
 
-    ``method`` is the int8 calibration method (entropy, percentile, minmax);
-    ``max_float_fraction`` the mixed-precision search's float budget.
+    ``int8`` says how int8 quantizes (QAT steps, calibration methods, float
+    costs: :class:`sfedge.backends.int8.Int8Options`); ``method`` (entropy,
+    percentile, minmax) restricts the calibration to one method and
+    ``max_float_fraction`` sets the mixed-precision search's float budget.
+    Where the calibration set has a shifted split, the artifact is gated on
+    it too (``tolerance.for_shifted()``).
     Raises ParityError (and leaves no file of the artifact) when it misses
     ``target.tolerance(precision)``.  The int8 artifact's ``float_layers`` are
     the layers the search kept in float; its ``meta`` holds the calibration
@@ -89,14 +94,20 @@ def make(
                               "fp16 numerics, fp32 speed")
         artifact.parity = score(artifact.path, holdout, reference)
     else:
-        ranges = compute_ranges(fp32.path, calibration, method, progress=scaled(progress, 0.3, 0.1))
-        probe = calibration.calibration[:PROBE_SAMPLES]
-        artifact, _ = mixed_precision(
-            fp32, calibration, workdir / f"{stem}-int8.onnx", reference=reference,
-            probe_reference=source.reference(probe), tolerance=target.tolerance(precision), score=score,
-            ranges=ranges, method=method, max_float_fraction=max_float_fraction, progress=scaled(progress, 0.4, 0.6),
-        )
+        options = int8 or Int8Options()
+        if method is not None:
+            options = replace(options, methods=(method,))
+        if max_float_fraction != DEFAULT_MAX_FLOAT_FRACTION:
+            options = replace(options, max_float_fraction=max_float_fraction)
+        artifact, _, _ = qdq_int8(source, fp32, calibration, workdir / f"{stem}-int8.onnx",
+                                  tolerance=target.tolerance(precision), fp32_tolerance=target.tolerance("fp32"),
+                                  score=score, options=options, progress=scaled(progress, 0.3, 0.7))
     assert artifact.parity is not None
-    gate(artifact.parity, target.tolerance(precision), f"the {precision} ONNX Runtime artifact {artifact.path.name}",
-         cleanup=artifact.companions)
+    what = f"the {precision} ONNX Runtime artifact {artifact.path.name}"
+    gate(artifact.parity, target.tolerance(precision), what, cleanup=artifact.companions)
+    if calibration.has_shifted:
+        assert calibration.shifted is not None
+        shifted = score(artifact.path, calibration.shifted, source.reference(calibration.shifted))
+        artifact.shifted_parity = gate(shifted, target.tolerance(precision).for_shifted(), what,
+                                       cleanup=artifact.companions, split="shifted held-out")
     return artifact

@@ -28,6 +28,7 @@ from typing import Any
 import onnx
 
 from sfedge.artifact import Artifact, TensorSpec
+from sfedge.backends.int8 import Int8Options, qdq_int8
 from sfedge.backends.onnxruntime.make import ort_scorer
 from sfedge.backends.tensorrt.calibration_cache import write_calibration_cache
 from sfedge.backends.tensorrt.commands import DEFAULT_WORKSPACE_MB, trtexec_command, write_build_script
@@ -55,7 +56,6 @@ from sfedge.export import DEFAULT_OPSET, export_onnx
 from sfedge.fileio import atomic_dir, sha256_file, write_json, write_text
 from sfedge.parity import gate, measure
 from sfedge.progress import Progress, scaled, tell
-from sfedge.quantize.mixed import PROBE_SAMPLES, mixed_precision
 from sfedge.quantize.qdq import FLOAT_SCOPES, quantize_qdq, to_fp16
 from sfedge.quantize.ranges import compute_ranges
 from sfedge.source import ModelSource
@@ -76,6 +76,7 @@ def make(
     strongly_typed: bool | None = None,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     engine_cache: EngineCache | None = None,
+    int8: Int8Options | None = None,
 ) -> Artifact:
     """The TensorRT artifact for ``target`` at ``precision``: an engine if this machine can build it, else a device folder.
 
@@ -115,6 +116,7 @@ def make(
         fallback: dict[str, Any] | None = None
         float_layers: list[str] = []
         meta: dict[str, Any] = {}
+        shifted_parity = None
         if precision == "fp16" and typed:
             half = to_fp16(fp32, out / FP16_ONNX)
             primary, parity, parity_source, float_layers = FP16_ONNX, None, None, list(half.float_layers)
@@ -124,13 +126,16 @@ def make(
             ranges = compute_ranges(out / FP32_ONNX, calibration, method, progress=scaled(progress, 0.3, 0.1))
             _check_all_int8(fp32, calibration, ranges, method, trt, typed)
             tolerance = target.tolerance("int8")
-            probe = calibration.calibration[:PROBE_SAMPLES]
-            qdq_art, result = mixed_precision(
-                fp32, calibration, out / QDQ_ONNX, reference=reference, probe_reference=source.reference(probe),
-                tolerance=tolerance, score=score, ranges=ranges, method=method, progress=scaled(progress, 0.4, 0.4),
-            )
+            qdq_art, result, _ = qdq_int8(source, fp32, calibration, out / QDQ_ONNX, tolerance=tolerance,
+                                          fp32_tolerance=target.tolerance("fp32"), score=score,
+                                          options=int8 or Int8Options(), progress=scaled(progress, 0.4, 0.4))
             assert qdq_art.parity is not None
             gate(qdq_art.parity, tolerance, f"the int8 Q/DQ ONNX for {target.name}")
+            if calibration.has_shifted:
+                assert calibration.shifted is not None
+                shifted_parity = gate(score(out / QDQ_ONNX, calibration.shifted, source.reference(calibration.shifted)),
+                                      tolerance.for_shifted(), f"the int8 Q/DQ ONNX for {target.name}",
+                                      split="shifted held-out")
             if len(qdq_art.float_layers) >= result.layers:
                 raise ExportError(
                     f"int8 for {target.name} kept all {len(qdq_art.float_layers)} layers of {source.name} in float "
@@ -141,7 +146,11 @@ def make(
             float_layers = list(qdq_art.float_layers)
             meta["mixed_precision"] = {"float_layers": float_layers, "met": result.met,
                                        "all_int8_parity": result.all_int8_parity.as_dict(),
-                                       "float_cost": result.float_cost, "total_cost": result.total_cost}
+                                       "float_cost": result.float_cost, "total_cost": result.total_cost,
+                                       "method": qdq_art.meta["mixed_precision"]["method"],
+                                       "methods": qdq_art.meta["mixed_precision"]["methods"]}
+            if "qat" in qdq_art.meta:
+                meta["qat"] = qdq_art.meta["qat"]
             if not typed:  # implicit INT8 from the fp32 ONNX + cache: TensorRT <= 10, weakly typed builds only
                 write_calibration_cache(ranges, out / CALIBRATION_CACHE, tensorrt_version=trt)
                 fallback = {"onnx": FP32_ONNX, "calibration_cache": CALIBRATION_CACHE, "qdq": False}
@@ -176,6 +185,7 @@ def make(
             "trtexec": command, "lint": {"tensorrt": trt, "clean": linted},
             "parity": parity.as_dict() if parity else {}, "parity_source": parity_source,
             "float_layers": float_layers, **meta,
+            "shifted_parity": shifted_parity.as_dict() if shifted_parity else {},
         }
         write_json(out / PLAN_FILE, plan)
         write_text(out / README, _device_readme(plan, source.name, command))
@@ -197,7 +207,7 @@ def make(
         path=folder, backend="tensorrt", kind="device-folder", precision=precision,
         inputs=[TensorSpec.from_dict(t) for t in plan["inputs"]],
         outputs=[TensorSpec.from_dict(t) for t in plan["outputs"]],
-        float_layers=float_layers, parity=parity, files=files, notes=[note],
+        float_layers=float_layers, parity=parity, files=files, notes=[note], shifted_parity=shifted_parity,
         meta={k: plan[k] for k in ("target", "tensorrt", "sm", "strongly_typed", "onnx", "qdq", "parity_source")},
     )
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sfedge.artifact import Artifact
+from sfedge.backends.int8 import Int8Options, qat_tflite
 from sfedge.backends.tflite.convert import cast_weights_fp16, convert_float, tflite_layout
 from sfedge.backends.tflite.fp16 import FP16_INFERENCE, FP16_NOTE, mark_fp16_inference
 from sfedge.backends.tflite.ops import op_report
@@ -34,7 +35,7 @@ from sfedge.errors import UnknownNameError
 from sfedge.fileio import write_json
 from sfedge.nn import NMF, macs_by_module
 from sfedge.parity import Parity, Scorer, gate, measure
-from sfedge.progress import Progress, tell
+from sfedge.progress import Progress, scaled, tell
 from sfedge.quantize.mixed import PROBE_SAMPLES
 from sfedge.quantize.search import DEFAULT_MAX_FLOAT_FRACTION
 from sfedge.source import ModelSource
@@ -91,6 +92,7 @@ def make(
     runtime: str | None = None,
     int16: bool = False,
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
+    int8: Int8Options | None = None,
 ) -> Artifact:
     """Build the .tflite artifact of ``source`` for ``target`` at ``precision``, gated on the held-out split.
 
@@ -98,25 +100,38 @@ def make(
     (it is what catches the converter's silent bugs); int8 builds then run
     the shared mixed-precision search; with ``int16`` the last resort is int16
     activations, which XNNPACK cannot run (slower than fp32 on CPUs, so off by
-    default); ``max_float_fraction`` is the search's float budget.  Raises ParityError when the final file misses the tolerance
+    default); ``max_float_fraction`` is the search's float budget.  ``int8``
+    (:class:`sfedge.backends.int8.Int8Options`): with ``qat_steps`` the model
+    is first fine-tuned in the TFLite int8 scheme and its tuned weights are
+    converted and recalibrated by ai-edge-quantizer; ``float_io`` gives the
+    full-integer file float32 I/O (default: int8 in and out); ``costs`` are
+    measured per-layer ms for the search.  Where the calibration set has a
+    shifted split, the artifact is gated on it too.  Raises ParityError when the final file misses the tolerance
     (nothing of it is left) and ExportError for Flex ops.
     """
+    options = int8 or Int8Options()
     if precision not in PRECISIONS:
         raise UnknownNameError("precision for tflite", precision, list(PRECISIONS))
     target.check_precision(precision)
     layout = tflite_layout(target)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    namer = LayerNamer(module_call_order(source.model, source.input_shape))
+    qat_record = None
+    built = source  # what is converted: the model, or its QAT-tuned copy for int8 with --qat
+    if precision == "int8" and options.qat_steps:
+        built, run = qat_tflite(source, calibration, options.qat_config, progress=scaled(progress, 0.0, 0.5))
+        qat_record = run.as_dict()
+    namer = LayerNamer(module_call_order(built.model, built.input_shape))
     keep_float = [NMF_SCOPE] if any(isinstance(m, NMF) for m in source.model.modules()) else []
     notes: list[str] = []
     score = tflite_scorer(target.threads, layout, runtime, source.task)
     holdout = (calibration.holdout, source.reference(calibration.holdout))
 
     notes.extend(rewrite_notes(source.model))
-    float_path = float_tflite(source, layout, workdir, progress=progress)
+    float_path = float_tflite(built, layout, workdir, progress=progress)
     tell(progress, "checking the fp32 conversion against torch")
-    fp32_parity = gate(score(float_path, *holdout), target.tolerance("fp32"),
+    built_holdout = holdout if built is source else (calibration.holdout, built.reference(calibration.holdout))
+    fp32_parity = gate(score(float_path, *built_holdout), target.tolerance("fp32"),
                        f"the fp32 TFLite conversion {float_path.name}", cleanup=[float_path])
     with TFLiteRunner(float_path, threads=target.threads, layout=layout, runtime=runtime) as runner:
         input_name, signature = runner.inputs[0].name, runner.signature
@@ -146,8 +161,11 @@ def make(
             samples=calibration.tflite_samples(input_name, layout) if precision == "int8" else None,
             signature=signature, score=score, holdout=holdout, probe=(probe, source.reference(probe)),
             tolerance=target.tolerance(precision), keep_float=keep_float, namer=namer,
-            costs={k: float(v) for k, v in macs_by_module(source.model, source.input_shape).items()},
-            max_float_fraction=max_float_fraction, allow_int16=int16, progress=progress,
+            costs={k: float(v) for k, v in macs_by_module(built.model, built.input_shape).items()},
+            max_float_fraction=max_float_fraction, allow_int16=int16, float_io=options.float_io,
+            search_costs=dict(options.costs) if options.costs else None, progress=progress,
+            shifted=(calibration.shifted, source.reference(calibration.shifted))
+            if calibration.has_shifted and calibration.shifted is not None else None,
         )
         assert result.parity is not None
         parity = result.parity
@@ -155,8 +173,20 @@ def make(
         meta["quantize"] = {k: v for k, v in result.as_dict().items() if k not in ("path", "recipe")}
         float_layers = float_layers + result.float_layers
         notes.extend(result.notes)
-    gate(parity, target.tolerance(precision), f"the {precision} TFLite artifact {path.name}",
-         cleanup=[] if path == float_path else [path])
+        meta["int8_options"] = options.as_dict()
+        if qat_record is not None:
+            meta["qat"] = qat_record
+            notes.append(f"quantization-aware fine-tuning: {qat_record['steps']} steps ({qat_record['seconds']:.0f} s) "
+                         "by distillation from the fp32 model in the TFLite int8 scheme; ai-edge-quantizer "
+                         "recalibrated the tuned weights")
+    what = f"the {precision} TFLite artifact {path.name}"
+    cleanup = [] if path == float_path else [path]
+    gate(parity, target.tolerance(precision), what, cleanup=cleanup)
+    shifted_parity = None
+    if calibration.has_shifted:
+        assert calibration.shifted is not None
+        shifted_parity = gate(score(path, calibration.shifted, source.reference(calibration.shifted)),
+                              target.tolerance(precision).for_shifted(), what, cleanup=cleanup, split="shifted held-out")
     report = op_report(path)
     try:
         report.raise_for_errors()
@@ -174,5 +204,5 @@ def make(
         meta["runtime"] = runner.versions()
     return Artifact(
         path=path, backend="tflite", kind="tflite", precision=precision, inputs=inputs, outputs=outputs,
-        float_layers=float_layers, parity=parity, files=files, notes=notes, meta=meta,
+        float_layers=float_layers, parity=parity, files=files, notes=notes, meta=meta, shifted_parity=shifted_parity,
     )

@@ -63,7 +63,7 @@ from sfedge.quantize.search import DEFAULT_MAX_FLOAT_FRACTION, SearchLayer, Sear
 __all__ = [
     "NMF_SCOPE", "QUANTIZABLE_OPS", "Layer", "QuantizeResult", "weighted_ops", "TfliteSearch",
     "torch_layer_name", "module_call_order", "LayerNamer", "scope_layers", "build_recipe", "calibrate",
-    "write_quantized", "quantize_tflite",
+    "write_quantized", "quantize_tflite", "io_regexes",
 ]
 
 # Scope of every op inside an sfedge NMF layer (litert-torch names tensors by module class path).
@@ -218,9 +218,13 @@ class LayerNamer:
 
 
 def weighted_ops(float_path: str | os.PathLike[str], namer: LayerNamer | None = None,
-                 exclude: Sequence[str] = ()) -> list[Layer]:
+                 exclude: Sequence[str] = (), float_input: bool = True) -> list[Layer]:
     """Ops with weights in the main subgraph, in execution order, except those matching ``exclude`` regexes
     and the op that writes the model output (keeping it float would make the output float too).
+
+    With ``float_input`` a layer reading the model input takes the input with
+    it when kept float; without (int8 I/O), the input stays int8 whatever
+    stays float.
     """
     graphs, io = read_ops(float_path)
     ops = graphs[0] if graphs else []
@@ -238,7 +242,7 @@ def weighted_ops(float_path: str | os.PathLike[str], namer: LayerNamer | None = 
     out = []
     for op, name in zip(chosen, names):
         regexes = ["^" + re.escape(op.outputs[0]) + ";"]
-        for t in set(op.input_ids) & set(io.get("inputs", [])):
+        for t in (set(op.input_ids) & set(io.get("inputs", []))) if float_input else ():
             regexes.append("^" + re.escape(io["input_names"][io["inputs"].index(t)]) + ";")
         out.append(Layer(name, op.op, tuple(regexes)))
     return out
@@ -255,6 +259,22 @@ def scope_layers(float_path: str | os.PathLike[str], regex: str, namer: LayerNam
     if not namer.calls:
         return [p[0] for p in partial]
     return [c for c in dict.fromkeys(namer.call_order) if c in found]
+
+
+def io_regexes(float_path: str | os.PathLike[str]) -> list[str]:
+    """Regexes that keep the model's input tensor and the op writing its output float (``--float-io``).
+
+    ai-edge-quantizer has no switch for float I/O in a static int8 recipe;
+    leaving the input tensor unquantized makes it float32 (a QUANTIZE op
+    follows it) and leaving the last op (the head, a few MACs) float makes
+    the output float32.
+    """
+    graphs, io = read_ops(float_path)
+    out = ["^" + re.escape(name) + ";" for name in io.get("input_names", [])]
+    outputs = set(io.get("outputs", []))
+    out += ["^" + re.escape(op.outputs[0]) + ";" for op in (graphs[0] if graphs else [])
+            if op.outputs and set(op.output_ids) & outputs]
+    return out
 
 
 def build_recipe(precision: str, keep_float: Sequence[str] = (), activation_bits: int = 8) -> list[dict[str, Any]]:
@@ -387,6 +407,9 @@ def quantize_tflite(
     costs: dict[str, float] | None = None,
     max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION,
     allow_int16: bool = False,
+    float_io: bool = False,
+    search_costs: dict[str, float] | None = None,
+    shifted: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize ``float_path`` to ``precision`` with the shared search, keeping layers float until ``tolerance`` holds.
@@ -396,25 +419,33 @@ def quantize_tflite(
     ranks.  The result holds the last file written; the caller gates it (the
     search may run out of float budget).  With ``allow_int16``, int16
     activations are the last resort (XNNPACK does not run them, see the
-    module docstring).
+    module docstring).  Full-integer files take and give int8 unless
+    ``float_io`` (then float32 in and out, see :func:`io_regexes`);
+    ``search_costs`` ({layer: measured ms}) replace ``costs`` (MACs) in the
+    search's ranking; ``shifted`` (inputs, torch outputs) must also meet the
+    shifted split's floor.
     """
     float_path, path = Path(float_path), Path(path)
+    if float_io and precision == "int8":
+        keep_float = [*keep_float, *io_regexes(float_path)]
     activation_bits = 8 if precision == "int8" else None
     base = build_recipe(precision, keep_float, activation_bits or 8)
     qsvs = calibrate(float_path, samples or [], signature, base) if precision == "int8" else None
     tell(progress, f"ai-edge-quantizer: {precision}")
-    layers = weighted_ops(float_path, namer, exclude=keep_float)
+    layers = weighted_ops(float_path, namer, exclude=keep_float, float_input=float_io)
     adapter = TfliteSearch(float_path, path, precision, qsvs, layers, keep_float, activation_bits or 8, score,
                            holdout, probe, costs)
-    found = search(adapter, tolerance, max_float_fraction=max_float_fraction, progress=progress)
+    shifted_score = (lambda: score(adapter.path, *shifted)) if shifted is not None else None
+    found = search(adapter, tolerance, max_float_fraction=max_float_fraction, costs=search_costs, shifted=shifted_score,
+                   progress=progress)
     result = QuantizeResult(path, precision, adapter.recipe, activation_bits, list(found.float_layers), found.parity,
                             search=found)
     note = found.note()
     if note:
         result.notes.append(note)
-    if any(len(adapter._layers[n].regexes) > 1 for n in found.float_layers):
-        result.notes.append("the first layer is float, so the model input is float32 (quantized inside the "
-                            "graph after it); the output stays int8")
+    if float_io and precision == "int8":
+        result.notes.append("float I/O (--float-io): the model input and output are float32, quantized and "
+                            "dequantized inside the graph")
     if found.met or not (precision == "int8" and allow_int16):
         return result
     tell(progress, "mixed precision: int16 activations")
