@@ -230,7 +230,7 @@ def build_bundle(
             # Only a bundle (a folder with a manifest) is ever replaced: never a folder of the user's own files.
             raise OutputFolderError(f"{dest} exists and is not a bundle", "move it away or choose another -o")
         return _build(ckpt, source, tgt, prec, calib, tools, key, backends, dest, require, tolerances, verify_on,
-                      sign, say, start)
+                      sign, int8, say, start)
 
 
 def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None,
@@ -253,8 +253,8 @@ def _up_to_date(dest: Path, key: str, sign: str | os.PathLike[str] | None,
 
 def _build(ckpt: Checkpoint, source: ModelSource, tgt: Target, prec: str, calib: CalibrationSet, tools: dict[str, str],
            key: str, backends: list[str], dest: Path, require: Sequence[str], tolerances: Mapping[str, float] | None,
-           verify_on: VerifyOn | None, sign: str | os.PathLike[str] | None, say: Progress,
-           start: float) -> BuildResult:
+           verify_on: VerifyOn | None, sign: str | os.PathLike[str] | None, int8: Int8Options | None,
+           say: Progress, start: float) -> BuildResult:
     hold_in = calib.holdout
     hold_ref = source.reference(hold_in)
     with atomic_dir(dest) as tmp:

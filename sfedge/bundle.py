@@ -143,7 +143,9 @@ class Bundle:
         if not ref:
             return None
         try:
-            return np.load(self.path / ref["inputs"]), np.load(self.path / ref["outputs"])
+            inputs = confined(self.path, ref["inputs"], "shifted reference inputs")
+            outputs = confined(self.path, ref["outputs"], "shifted reference outputs")
+            return np.load(inputs, allow_pickle=False), np.load(outputs, allow_pickle=False)
         except (KeyError, OSError, ValueError) as e:
             raise BundleError(f"bundle {self.path} has unreadable shifted reference data ({e})", "rebuild the bundle") from e
 

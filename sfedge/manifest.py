@@ -167,9 +167,17 @@ class ArtifactEntry(_Open):
         return self
 
 
+class ShiftedEntry(_Open):
+    """The shifted (augmented) held-out split and its torch outputs (int8 gates and ``verify`` check it)."""
+
+    inputs: RelPath
+    outputs: RelPath
+
+
 class ReferenceEntry(_Open):
     inputs: RelPath
     outputs: RelPath
+    shifted: ShiftedEntry | None = None
 
 
 class ModelRecord(_Open):
@@ -231,7 +239,9 @@ class Manifest(_Open):
             for f in a.files:
                 if f not in self.files:
                     raise ValueError(f"file {f} of artifact {a.path} is not listed in 'files'")
+        shifted = self.reference.shifted if self.reference is not None else None
         listed = [*((self.reference.inputs, self.reference.outputs) if self.reference is not None else ()),
+                  *((shifted.inputs, shifted.outputs) if shifted is not None else ()),
                   *((self.whole_image.input, self.whole_image.reference) if self.whole_image is not None else ())]
         for f in listed:
             if f not in self.files:
