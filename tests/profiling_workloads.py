@@ -60,8 +60,8 @@ def busy_loop(path: Path, iterations: int, repeats: int = 1) -> Path:
     return path
 
 
-def matmul_chain(path: Path, n: int, d: int = 256, seed: int = 0) -> Path:
-    """ONNX: y = x @ W1 @ ... @ Wn with x (1, d, d); weights take n * d * d * 4 bytes."""
+def matmul_chain(path: Path, n: int, d: int = 256, seed: int = 0, rows: int | None = None) -> Path:
+    """ONNX: y = x @ W1 @ ... @ Wn with x (1, rows, d) (rows default d); weights take n * d * d * 4 bytes."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -72,8 +72,9 @@ def matmul_chain(path: Path, n: int, d: int = 256, seed: int = 0) -> Path:
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"y{i}"]))
         prev = f"y{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d, d])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, d, d])], inits)
+    r = d if rows is None else rows
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, r, d])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, r, d])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))

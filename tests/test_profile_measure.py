@@ -131,7 +131,7 @@ def test_paired_ratio_of_a_workload_twice_as_costly(tmp_path):
 
 def test_memory_figures_rise_with_a_model_that_allocates_more(tmp_path):
     small = matmul_chain(tmp_path / "small.onnx", 1, 256)  # 256 KiB of weights
-    large = matmul_chain(tmp_path / "large.onnx", 16, 1024)  # 64 MiB of weights
+    large = matmul_chain(tmp_path / "large.onnx", 16, 1024, rows=16)  # 64 MiB of weights, little arithmetic
     cfg = MeasureConfig(warmup_runs=1, warmup_seconds=0.05, runs=5, min_seconds=0.05)
     ms = measure(Subject(small, "onnxruntime", "small", "fp32", threads=1), cfg)
     ml = measure(Subject(large, "onnxruntime", "large", "fp32", threads=1), cfg)

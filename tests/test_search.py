@@ -66,7 +66,7 @@ def test_on_a_miss_the_most_sensitive_layers_go_float_first_until_the_gate_holds
     assert q.builds == [[], ["b"]]
     assert result.steps[-1] == {"float_layers": 1, "added": "b", "dice_agreement": pytest.approx(0.987),
                                 "cosine": pytest.approx(0.987), "max_abs": pytest.approx(0.13),
-                                "mean_abs": pytest.approx(0.013)}
+                                "mean_abs": pytest.approx(0.013), "order": "gain per cost"}
 
 
 def test_ranking_uses_the_probe_split_not_the_gate() -> None:
@@ -112,6 +112,26 @@ def test_a_layer_that_fixes_the_gate_alone_is_not_passed_over_for_cheap_useless_
     q = ScriptedQuantizer({"big": 0.03, "tiny": 0.0}, cost={"big": 1000.0, "tiny": 1.0})
     result = search(q, TOL)
     assert result.float_layers == ["big"] and result.met
+
+
+def test_when_cheap_layers_cannot_fix_the_gate_the_search_falls_back_to_error_alone() -> None:
+    """Policy 5: the gate needs the one expensive layer; gain per cost spends the budget on cheap ones first,
+    misses, and the second pass (error alone) meets it with that layer, reusing every probe."""
+    loss = {"full_res": 0.025, "d1": 0.002, "d2": 0.002, "d3": 0.002}
+    q = ScriptedQuantizer(loss, cost={"full_res": 1000.0, "d1": 1.0, "d2": 1.0, "d3": 1.0})
+    result = search(q, TOL, max_float_fraction=0.5)
+    assert result.met and result.float_layers == ["full_res"] and result.order == "gain"
+    assert [s.layer for s in result.sensitivity][:2] == ["d1", "d2"]  # the first pass's order
+    assert q.builds == [[], ["d1"], ["d1", "d2"], ["full_res"]] and len(q.probes) == 4
+    again = search(ScriptedQuantizer(loss, cost=q.costs), TOL, ranked=result.sensitivity)
+    assert again.float_layers == ["full_res"]
+
+
+def test_earlier_probes_are_reused() -> None:
+    first = search(ScriptedQuantizer({"a": 0.03, "b": 0.001}), TOL)
+    q = ScriptedQuantizer({"a": 0.03, "b": 0.001})
+    result = search(q, TOL, ranked=first.sensitivity)
+    assert q.probes == [] and result.float_layers == ["a"] and result.met
 
 
 def test_a_candidate_must_also_meet_the_shifted_split() -> None:

@@ -127,8 +127,10 @@ def test_engine_cache_key_changes_when_any_input_changes() -> None:
 @pytest.fixture(scope="module")
 def small_calibration(fundus_calibration):
     """Real fundus crops, centre 64x64 of the 256x256 set."""
+    shifted = fundus_calibration.shifted
     return dataclasses.replace(fundus_calibration, calibration=fundus_calibration.calibration[:8, :, 96:160, 96:160],
-                               holdout=fundus_calibration.holdout[:4, :, 96:160, 96:160])
+                               holdout=fundus_calibration.holdout[:4, :, 96:160, 96:160],
+                               shifted=None if shifted is None else shifted[:4, :, 96:160, 96:160])
 
 
 @pytest.fixture(scope="module")

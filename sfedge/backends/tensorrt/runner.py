@@ -96,7 +96,7 @@ def _layer_profiler(trt: Any) -> Any:
     names with " + ".  Written against the docs, never run here (no GPU).
     """
 
-    class LayerProfiler(trt.IProfiler):
+    class LayerProfiler(trt.IProfiler):  # type: ignore[misc]  # trt is passed in untyped
         def __init__(self) -> None:
             trt.IProfiler.__init__(self)
             self.runs: list[dict[str, float]] = []
