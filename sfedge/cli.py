@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sfedge {args.verb}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():  # a late second signal must not kill the exit code
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         how = "terminated" if _TERMINATED else "interrupted"
         print(f"sfedge {args.verb}: {how}; nothing half-written was left behind", file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED else 130
