@@ -21,6 +21,7 @@ import warnings
 
 from sfedge import __version__
 from sfedge.errors import SfedgeError
+from sfedge.progress import note_interrupt
 
 __all__ = ["main", "build_parser", "VERBS"]
 
@@ -91,6 +92,13 @@ _TERMINATED: list[int] = []
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM (kill, systemd, a CI timeout) unwinds like Ctrl-C, so half-written .part folders are removed."""
     _TERMINATED.append(signum)
+    note_interrupt(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C: KeyboardInterrupt now, and again at the next progress report if a library swallowed this one."""
+    note_interrupt(signum)
     raise KeyboardInterrupt
 
 
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "verbose", False):
