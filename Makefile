@@ -10,14 +10,15 @@ STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile tests/typecheck.py |
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup demo test test-fast test-e2e test-arm arm-device arm-device-stop bench lint lint-imports typecheck clean help
+.PHONY: setup demo test test-fast test-tier2 test-e2e test-arm arm-device arm-device-stop bench lint lint-imports typecheck clean help
 
 help:
 	@echo "make setup   create .venv and install sfedge with its build, runtime and dev extras"
 	@echo "make demo    train (or load) the demo U-Nets, build host-cpu and device bundles, profile"
 	@echo "make test    check the import rules, then run the test suite"
 	@echo "make test-fast  the tests not marked slow (seconds to a few minutes)"
-	@echo "make test-e2e   the second tier: your own models end to end (train, factorize, build, verify, profile)"
+	@echo "make test-tier2 the second CI tier: the heaviest builds and QAT (run by .ci/run after make test)"
+	@echo "make test-e2e   end to end: your own models (train, factorize, build, verify, profile), QAT, latency tables"
 	@echo "make test-arm       start the emulated aarch64 device, run the ARM tier against it, stop it (root)"
 	@echo "make arm-device     start the emulated aarch64 device (Debian arm64 under QEMU, sshd on localhost)"
 	@echo "make arm-device-stop"
@@ -46,7 +47,11 @@ test: setup lint-imports typecheck
 	$(PY) -m pytest -q
 
 test-fast: setup lint-imports typecheck
-	$(PY) -m pytest -q -m "not slow and not arm and not e2e"
+	$(PY) -m pytest -q -m "not slow and not arm and not e2e and not tier2"
+
+# The second CI tier: the heaviest builds (Factorizer TFLite, the dense demo's int8 search) and QAT.
+test-tier2: setup
+	$(PY) -m pytest -q -m tier2
 
 test-e2e: setup
 	$(PY) -m pytest -q -m e2e

@@ -72,7 +72,7 @@ def test_make_fp32_meets_the_targets_tolerance(fp32, host_target) -> None:
     assert fp32.parity.samples == 16
 
 
-@pytest.mark.parametrize("name", ["unet", "unet-sfconv"])
+@pytest.mark.parametrize("name", [pytest.param("unet", marks=pytest.mark.tier2), "unet-sfconv"])
 def test_make_int8_reaches_the_int8_tolerance_with_mixed_precision(
     name, demo_sources, host_target, fundus_calibration, workdir
 ) -> None:

@@ -104,6 +104,7 @@ def test_the_tflite_scheme_quantizes_transposed_conv_weights_per_output_channel(
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_qat_recovers_int8_agreement_where_calibration_misses(demo_sources, tmp_path) -> None:
     """The demo SFConv U-Net at 64x64: all layers int8 with entropy ranges misses 0.98; after QAT it does better."""
     from dataclasses import replace
@@ -145,6 +146,7 @@ shifted_dice_agreement = 0.0
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_a_qat_build_writes_int8_io_and_learned_scales_into_the_bundle(tiny, tmp_path, monkeypatch) -> None:
     """The whole path: --qat through build_bundle for ONNX Runtime and TFLite, the README's pixel map, verify."""
     from sfedge.backends.int8 import Int8Options

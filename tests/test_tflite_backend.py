@@ -111,6 +111,7 @@ def test_fp32_matches_torch(built, demo_sources, fundus_calibration, host_target
     assert report.fully_delegated
 
 
+@pytest.mark.tier2
 def test_factorizer_fp32_matches_torch_and_nmf_is_float(factorizer_source, fundus_128, host_target, tflite_dir) -> None:
     art = make(factorizer_source, host_target, "fp32", fundus_128, tflite_dir)
     parity = _independent_parity(art, factorizer_source, fundus_128)
@@ -125,6 +126,7 @@ def test_factorizer_fp32_matches_torch_and_nmf_is_float(factorizer_source, fundu
     assert report.transposes > 0 and not report.transpose_at_input and not report.transpose_at_output
 
 
+@pytest.mark.tier2
 def test_factorizer_int8_keeps_nmf_float(factorizer_source, fundus_128, tmp_path, tflite_dir) -> None:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
