@@ -79,8 +79,14 @@ class VerifyOn:
         backends = sorted({a["backend"] for a in manifest["artifacts"] if a.get("kind") != "device-folder"})
         labels = host_labels(self.hosts)
 
+        # The device holds the bundle to the tolerance of the target it is built for (this machine's definition, as
+        # recorded in the manifest): the device may not have that target installed, and its defaults are looser.
+        wanted = (manifest["target"].get("tolerances") or {}).get(manifest["precision"]) or {}
+        tolerance_args = "".join(f" --tolerance {shlex.quote(f'{k}={float(v)!r}')}" for k, v in sorted(wanted.items())
+                                 if v is not None)
+
         def one(host: str) -> tuple[dict[str, Any], dict[str, Any]]:
-            return self._verify_one(host, labels[host], folder, name, backends, say)
+            return self._verify_one(host, labels[host], folder, name, backends, say, tolerance_args)
 
         with ThreadPoolExecutor(max_workers=len(self.hosts)) as pool:
             futures = {h: pool.submit(one, h) for h in self.hosts}
@@ -108,14 +114,14 @@ class VerifyOn:
         return {h: facts for h, (facts, _) in outcomes.items()}
 
     def _verify_one(self, host: str, label: str, folder: Path, name: str, backends: list[str],
-                    say: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+                    say: Progress, tolerance_args: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
         result = RemoteResult(host)
         start = time.monotonic()
         with remote_bundles(host, label, [folder], [name], backends, self.options, result,
                             lambda msg, f=None: say(f"{label}: {msg}", None)) as (remote, run_dir, py):
             say(f"{label}: verifying on the device", None)
             out = remote.ssh(f"cd {shlex.quote(run_dir)} && {py} -c {shlex.quote(DEVICE_FACTS)} && "
-                             f"{py} -m sfedge.cli verify {shlex.quote('bundles/' + name)} --json",
+                             f"{py} -m sfedge.cli verify {shlex.quote('bundles/' + name)} --json{tolerance_args}",
                              "verifying the bundle", ok=(0, 1))
         first, _, rest = out.strip().partition("\n")
         try:
