@@ -313,12 +313,12 @@ def verify_bundle(
         if files_only:
             check.reason = "--files-only: parity not checked"
             continue
-        if inputs is None:
+        if inputs is None:  # read once for every artifact
             inputs, reference = bundle.reference()
+            shifted_data = bundle.shifted_reference()
         try:
             with runner_for(art.path, backend=art.backend, threads=threads or bundle.manifest["target"].get("threads")) as r:
                 parity = measure(r, inputs, reference, bundle.task)
-                shifted_data = bundle.shifted_reference()
                 shifted = measure(r, *shifted_data, bundle.task) if shifted_data is not None else None
         except BackendUnavailable as e:
             check.reason = str(e)
