@@ -27,7 +27,15 @@ from sfedge.backends.int8 import Int8Options, qat_tflite
 from sfedge.backends.tflite.convert import cast_weights_fp16, convert_float, tflite_layout
 from sfedge.backends.tflite.fp16 import FP16_INFERENCE, FP16_NOTE, mark_fp16_inference
 from sfedge.backends.tflite.ops import op_report
-from sfedge.backends.tflite.quantize import NMF_SCOPE, LayerNamer, module_call_order, quantize_tflite, scope_layers
+from sfedge.backends.tflite.quantize import (
+    NMF_SCOPE,
+    NORM_CLASSES,
+    NORM_SCOPE,
+    LayerNamer,
+    module_call_order,
+    quantize_tflite,
+    scope_layers,
+)
 from sfedge.backends.tflite.rewrite import rewrite_notes
 from sfedge.backends.tflite.runner import TFLiteRunner
 from sfedge.calibration import CalibrationSet
@@ -156,11 +164,17 @@ def make(
         parity = score(path, *holdout)
     else:
         probe = calibration.calibration[:PROBE_SAMPLES]
+        int8_float = list(keep_float)
+        if precision == "int8" and any(isinstance(m, NORM_CLASSES) for m in source.model.modules()):
+            int8_float.append(NORM_SCOPE)
+            n_norm = sum(isinstance(m, NORM_CLASSES) for m in source.model.modules())
+            notes.append(f"instance/group/layer norm stays fp32 ({n_norm} module(s)): their statistics in "
+                         "per-tensor int8 lose the small channels; quantization is applied around them")
         result = quantize_tflite(
             float_path, path, precision,
             samples=calibration.tflite_samples(input_name, layout) if precision == "int8" else None,
             signature=signature, score=score, holdout=holdout, probe=(probe, source.reference(probe)),
-            tolerance=target.tolerance(precision), keep_float=keep_float, namer=namer,
+            tolerance=target.tolerance(precision), keep_float=int8_float, namer=namer,
             costs={k: float(v) for k, v in macs_by_module(built.model, built.input_shape).items()},
             max_float_fraction=max_float_fraction, allow_int16=int16, float_io=options.float_io,
             search_costs=dict(options.costs) if options.costs else None, progress=progress,
