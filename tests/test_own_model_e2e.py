@@ -2,8 +2,11 @@
 verify, profile SFConv against dense.  The slow tier (`make test-e2e`; marker ``e2e``).
 
 Models: a user's file (tests/user_net.py: 1 input channel, 3 classes, BatchNorm, stride-2 convs, residual adds,
-bilinear upsampling) and MONAI's BasicUNet and UNet (instance norm, PReLU residual units, padded transposed convs).
-Each is trained on the fundus demo first, so its masks are not empty and the int8 gates judge something real.
+bilinear upsampling) and MONAI's BasicUNet (instance norm, LeakyReLU) and UNet (batch norm, PReLU residual units,
+padded transposed convs).  Instance-normalized nets do not reach the 0.98 int8 gate in full-integer TFLite (see the
+README's known limits): BasicUNet's host-cpu int8 bundle is the documented partial one (exit 4, the ONNX Runtime
+artifact kept, the TFLite failure in the manifest) and it gets no android-arm64 int8 bundle.  Each is trained on the fundus demo first and its factorized copy fine-tuned (the README's flow),
+so masks are not empty and the int8 gates judge something real.
 The targets are copies of host-cpu, android-arm64 and jetson-orin-nano at 64x64 (same backends, precisions,
 tolerances and device facts; the full-size builds are in `make bench`).
 """
@@ -25,11 +28,12 @@ SIZE = 64
 MODELS = {
     "user-net": {"spec": f"{TESTS / 'user_net.py'}:make_net", "config": {"classes": 3, "width": 8},
                  "task": "multiclass", "calibration": str(ROOT / "calibration" / "fundus-demo-green.toml")},
-    "basicunet": {"spec": "monai.networks.nets:BasicUNet", "task": "binary", "calibration": "fundus-demo",
+    "basicunet": {"spec": "monai.networks.nets:BasicUNet", "task": "binary", "calibration": "fundus-demo", "steps": 240,
+                  "tflite_int8": False,
                   "config": {"spatial_dims": 2, "in_channels": 3, "out_channels": 1, "features": [8, 8, 16, 32, 64, 8]}},
     "monai-unet": {"spec": "monai.networks.nets:UNet", "task": "multiclass", "calibration": "fundus-demo",
                    "config": {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [8, 16, 32],
-                              "strides": [2, 2], "num_res_units": 1}},
+                              "strides": [2, 2], "num_res_units": 1, "norm": "batch"}},
 }
 
 
@@ -68,22 +72,32 @@ def test_own_model_through_factorize_build_verify_profile(cli, key: str) -> None
     work: Path = cli.work
     config = json.dumps(m["config"])
     dense = f"{key}.safetensors"
-    out = json.loads(cli("train", m["spec"], "--config", config, "--task", m["task"], "--steps", "80", "--batch", "4",
-                         "--crop", str(SIZE), "-o", dense, "--json"))
+    out = json.loads(cli("train", m["spec"], "--config", config, "--task", m["task"], "--steps", str(m.get("steps", 80)),
+                         "--batch", "4", "--crop", str(SIZE), "-o", dense, "--json"))
     assert out["task"] == m["task"] and out["holdout_dice"] > 0.2, out  # it learned something: masks are not empty
     table = json.loads(cli("factorize", dense, "--s", "0.25", "-o", f"{key}-sf.safetensors", "--json",
                            "--input-size", str(SIZE), str(SIZE)))
     assert table["mac_reduction"] > 1.5
     assert all(r["rank"] is None and r["note"] for r in table["rows"] if r["shape"].endswith("1x1"))
-    sf = f"{key}-sf.safetensors"
+    sf = f"{key}-sf-ft.safetensors"
+    tuned = json.loads(cli("train", f"{key}-sf.safetensors", "--steps", "80", "--batch", "4", "--crop", str(SIZE),
+                           "--lr", "1e-3", "-o", sf, "--json"))
+    assert tuned["task"] == m["task"], tuned
+    tflite_int8 = m.get("tflite_int8", True)
     builds = [(dense, "host-cpu-64", "fp32"), (sf, "host-cpu-64", "fp32"), (sf, "host-cpu-64", "int8"),
-              (sf, "android-arm64-64", "int8"), (sf, "jetson-orin-nano-64", "int8")]
+              *([(sf, "android-arm64-64", "int8")] if tflite_int8 else []), (sf, "jetson-orin-nano-64", "int8")]
     bundles = {}
     for model, target, precision in builds:
+        partial = precision == "int8" and target.startswith("host") and not tflite_int8
         res = json.loads(cli("build", model, "--target", target, "--precision", precision, "--calibration",
-                             m["calibration"], "-o", "bundles", "--json"))
+                             m["calibration"], "-o", "bundles", "--json", ok=(4,) if partial else (0,)))
         b = res["bundles"][0]
-        assert b["task"] == m["task"] and not b["failures"], b
+        assert b["task"] == m["task"], b
+        if partial:  # the TFLite int8 file missed the gate; the ONNX Runtime one is kept
+            assert [f["backend"] for f in b["failures"]] == ["tflite"] and "disagrees" in b["failures"][0]["error"], b
+            assert [a["backend"] for a in b["artifacts"]] == ["onnxruntime"], b
+        else:
+            assert not b["failures"], b
         bundles[(model, target, precision)] = work / b["bundle"]
         for art in b["artifacts"]:
             assert art["parity"]["task"] == m["task"], art
