@@ -24,7 +24,7 @@ from sfedge.backends.tflite.make import float_tflite, make  # noqa: E402
 from sfedge.backends.tflite.ops import op_report  # noqa: E402
 from sfedge.backends.tflite.quantize import build_recipe, calibrate, write_quantized  # noqa: E402
 from sfedge.backends.tflite.runner import TFLiteRunner  # noqa: E402
-from sfedge.errors import ParityError  # noqa: E402
+from sfedge.errors import ConfigError, ParityError  # noqa: E402
 from sfedge.parity import compare_outputs  # noqa: E402
 from sfedge.source import ModelSource  # noqa: E402
 from sfedge.targets import load_target  # noqa: E402
@@ -259,3 +259,82 @@ def test_registry_exposes_backend() -> None:
     from sfedge.backends.maker import maker
 
     assert runner_class("tflite") is TFLiteRunner and maker("tflite") is make
+
+
+@pytest.fixture(scope="module")
+def instance_norm_tflite(tmp_path_factory):
+    """A small instance-normalized net as a float .tflite, with its input name and signature."""
+    from sfedge.backends.tflite.convert import convert_float
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.InstanceNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 1, 1)).eval()
+    path = tmp_path_factory.mktemp("instnorm") / "net-fp32.tflite"
+    convert_float(model, (1, 3, 16, 16), "NHWC", path)
+    with TFLiteRunner(path, threads=1, layout="NHWC") as r:
+        name, signature = r.inputs[0].name, r.signature
+    return model, path, name, signature
+
+
+def _input_tensor(path: Path) -> str:
+    from sfedge.backends.tflite.ops import read_ops
+
+    return read_ops(path)[1]["input_names"][0]
+
+
+def _scaled_samples(name: str, scales: list[float]) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{name: (rng.standard_normal((1, 16, 16, 3)) * s).astype(np.float32)} for s in scales]
+
+
+def test_range_methods_calibrate_what_they_say(instance_norm_tflite) -> None:
+    """minmax keeps the extremes over every sample; the moving average lets a late wide sample count 5%."""
+    _, path, name, signature = instance_norm_tflite
+    samples = _scaled_samples(name, [1.0] * 11 + [10.0])
+    recipe = build_recipe("int8")
+    low = min(float(s[name].min()) for s in samples)
+    high = max(float(s[name].max()) for s in samples)
+    wide = calibrate(path, samples, signature, recipe, "minmax")[_input_tensor(path)]
+    narrow = calibrate(path, samples, signature, recipe, "moving-average")[_input_tensor(path)]
+    assert float(np.min(wide["min"])) == pytest.approx(low) and float(np.max(wide["max"])) == pytest.approx(high)
+    assert float(np.max(narrow["max"])) < 0.5 * high
+    with pytest.raises(ConfigError, match="range method"):
+        calibrate(path, samples, signature, recipe, "entropy")
+
+
+def test_choose_ranges_keeps_the_method_that_scores_better_on_the_probe(instance_norm_tflite, tmp_path) -> None:
+    """Probe inputs as wide as the late calibration sample: clipping them (moving average) loses to minmax."""
+    from sfedge.backends.tflite.make import tflite_scorer
+    from sfedge.backends.tflite.quantize import choose_ranges
+
+    model, path, name, signature = instance_norm_tflite
+    samples = _scaled_samples(name, [1.0] * 11 + [10.0])
+    probe_x = np.concatenate([s[name] for s in _scaled_samples(name, [10.0] * 4)]).transpose(0, 3, 1, 2).copy()
+    with torch.no_grad():
+        probe_y = model(torch.from_numpy(probe_x)).numpy()
+    method, qsvs, tried = choose_ranges(path, samples, signature, build_recipe("int8"),
+                                        tflite_scorer(1, "NHWC", task="regression"), (probe_x, probe_y))
+    assert set(tried) == {"moving-average", "minmax"} and method == "minmax", tried
+    assert tried["minmax"]["mean_abs"] < tried["moving-average"]["mean_abs"]
+    assert float(np.max(qsvs[_input_tensor(path)]["max"])) > 20
+
+
+def test_instance_norm_stays_float_in_full_integer_files(instance_norm_tflite, tmp_path) -> None:
+    """With NORM_SCOPE kept float, the norm's RSQRT computes in float32 between int8 convs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from sfedge.backends.tflite.ops import read_ops
+    from sfedge.backends.tflite.quantize import NORM_SCOPE
+
+    _, path, name, signature = instance_norm_tflite
+    samples = _scaled_samples(name, [1.0] * 8)
+    for keep, dtype in (([], np.int8), ([NORM_SCOPE], np.float32)):
+        recipe = build_recipe("int8", keep)
+        out = write_quantized(path, tmp_path / f"q{len(keep)}.tflite", recipe, calibrate(path, samples, signature, recipe))
+        graphs, _ = read_ops(out)
+        it = Interpreter(model_path=str(out))
+        details = {t["index"]: t for t in it.get_tensor_details()}
+        rsqrt = [op for op in graphs[0] if op.op == "RSQRT"]
+        convs = [op for op in graphs[0] if op.op == "CONV_2D"]
+        assert rsqrt and all(details[op.output_ids[0]]["dtype"] == dtype for op in rsqrt), keep
+        assert details[convs[0].output_ids[0]]["dtype"] == np.int8
