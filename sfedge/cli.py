@@ -21,7 +21,7 @@ import warnings
 
 from sfedge import __version__
 from sfedge.errors import SfedgeError
-from sfedge.progress import note_interrupt
+from sfedge.progress import clear_interrupt, note_interrupt
 
 __all__ = ["main", "build_parser", "VERBS"]
 
@@ -103,7 +103,21 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, run the verb, map errors to one line and an exit code."""
+    """Entry point: parse, run the verb, map errors to one line and an exit code.
+
+    An interrupt exits 130 (143 for SIGTERM) whenever it lands, even inside
+    the handling of an earlier one: a KeyboardInterrupt escaping ``main``
+    would make Python kill itself with SIGINT instead (exit -2 on a CI run,
+    when a swallowed Ctrl-C was raised a second time).
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        clear_interrupt()
+        return 128 + signal.SIGTERM if _TERMINATED else 130
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():  # a late second signal must not kill the exit code
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        clear_interrupt()  # handled: no later report may raise it again
         how = "terminated" if _TERMINATED else "interrupted"
         print(f"sfedge {args.verb}: {how}; nothing half-written was left behind", file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED else 130

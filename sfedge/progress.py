@@ -15,9 +15,10 @@ on: a build interrupted in ONNX export then ran to the end).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
-__all__ = ["Progress", "tell", "scaled", "note_interrupt", "check_interrupt"]
+__all__ = ["Progress", "tell", "scaled", "note_interrupt", "check_interrupt", "clear_interrupt"]
 
 Progress = Callable[[str, "float | None"], None]
 _PENDING: list[int] = []  # signals received and not yet raised at a report
@@ -29,10 +30,19 @@ def note_interrupt(signum: int) -> None:
 
 
 def check_interrupt() -> None:
-    """Raise KeyboardInterrupt once for a recorded signal (every report calls this)."""
-    if _PENDING:
+    """Raise KeyboardInterrupt once for a recorded signal (every report calls this).
+
+    Only in the main thread: a report from a worker thread must not consume
+    the signal the main thread has to see.
+    """
+    if _PENDING and threading.current_thread() is threading.main_thread():
         _PENDING.clear()
         raise KeyboardInterrupt
+
+
+def clear_interrupt() -> None:
+    """Forget recorded signals: the interrupt was handled (nothing may raise it again while the CLI exits)."""
+    _PENDING.clear()
 
 
 def tell(progress: Progress | None, message: str, fraction: float | None = None) -> None:
