@@ -96,6 +96,10 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted_exit_code() -> int:
+    return 128 + signal.SIGTERM if _TERMINATED else 130
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """Ctrl-C: KeyboardInterrupt now, and again at the next progress report if a library swallowed this one."""
     note_interrupt(signum)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         clear_interrupt()
-        return 128 + signal.SIGTERM if _TERMINATED else 130
+        return _interrupted_exit_code()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -145,7 +149,7 @@ def _main(argv: list[str] | None) -> int:
         clear_interrupt()  # handled: no later report may raise it again
         how = "terminated" if _TERMINATED else "interrupted"
         print(f"sfedge {args.verb}: {how}; nothing half-written was left behind", file=sys.stderr)
-        return 128 + signal.SIGTERM if _TERMINATED else 130
+        return _interrupted_exit_code()
     except BrokenPipeError:
         return 0
 

@@ -165,9 +165,9 @@ def make(
     else:
         probe = calibration.calibration[:PROBE_SAMPLES]
         int8_float = list(keep_float)
-        if precision == "int8" and any(isinstance(m, NORM_CLASSES) for m in source.model.modules()):
+        n_norm = sum(isinstance(m, NORM_CLASSES) for m in source.model.modules()) if precision == "int8" else 0
+        if n_norm:
             int8_float.append(NORM_SCOPE)
-            n_norm = sum(isinstance(m, NORM_CLASSES) for m in source.model.modules())
             notes.append(f"instance/group/layer norm stays fp32 ({n_norm} module(s)): their statistics in "
                          "per-tensor int8 lose the small channels; quantization is applied around them")
         result = quantize_tflite(
