@@ -217,11 +217,13 @@ def run(out: Path) -> str:
     work.mkdir(parents=True, exist_ok=True)
     dense = _dense_checkpoints(work)
     torch.set_num_threads(1)  # the demo's loader set its own training threads
-    only = os.environ.get("SFEDGE_BENCH_PLAN_ONLY")  # e.g. "demo:tflite:fp32" to run one cell while developing
+    # e.g. "demo:tflite:fp32" (or a comma-separated list, or "demo" for a model's cells) to run only those cells
+    only = [c for c in os.environ.get("SFEDGE_BENCH_PLAN_ONLY", "").split(",") if c]
     results = []
     for label, path in dense.items():
         for backend, precision in CONFIGS:
-            if only and only != f"{label.split()[0]}:{backend}:{precision}":
+            cell = f"{label.split()[0]}:{backend}:{precision}"
+            if only and not any(cell == c or cell.startswith(c + ":") for c in only):
                 continue
             try:
                 results.append(_one(label, path, backend, precision, work))

@@ -246,17 +246,20 @@ def solve(
             new[better], arg[better] = cand[better], j
         best, picks[i] = new, arg
     end = int(np.argmin(best))  # the least distortion over every budget use up to the budget
-    if not np.isfinite(best[end]):  # rounding up made the floor miss by a step: not a real plan
-        raise ConfigError(f"no plan meets {budget_ms:.3f} ms at this resolution (fastest {floor:.3f} ms)",
-                          "give a slightly larger budget")
-    # Among budget uses with the same least distortion, prefer the fastest (argmin returns the first = least used).
+    if np.isfinite(best[end]):
+        # Among budget uses with the same least distortion, prefer the fastest (argmin: the first = least used).
+        picked, c = [0] * len(choices), end
+        for i in reversed(range(len(choices))):
+            picked[i] = int(picks[i, c])
+            c -= int(math.ceil(choices[i].options[picked[i]].ms / unit - 1e-9))  # the total before this layer
+    else:
+        # The budget is within rounding of the floor (every layer's time rounded up to a whole unit no longer
+        # fits): the floor plan itself meets it, and within that sliver no other plan is told apart from it.
+        picked = [min(range(len(layer.options)), key=lambda j, lay=layer: lay.options[j].ms) for layer in choices]
     rows: list[PlannedLayer] = []
-    c = end
-    for i in reversed(range(len(choices))):
-        o = choices[i].options[int(picks[i, c])]
+    for i in range(len(choices)):
+        o = choices[i].options[picked[i]]
         dense = layers[i].dense()
         rows.append(PlannedLayer(layers[i].name, o.choice, o.rank, o.ms, o.macs, o.distortion,
                                  dense.ms if dense else None, dense.macs if dense else None))
-        c -= int(math.ceil(o.ms / unit - 1e-9))  # the total before this layer was added
-    rows.reverse()
     return Plan(rows, rest_ms, budget_ms, goal, proxy, dict(table or {}))

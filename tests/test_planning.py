@@ -61,6 +61,15 @@ def test_an_unreachable_budget_names_the_fastest_plan():
         solve(layers, 0.5, floor - 0.1)
 
 
+def test_a_budget_within_rounding_of_the_floor_gets_the_floor_plan():
+    # 14 layers whose fastest times are not whole units of budget/resolution: rounding each up overshoots a
+    # budget a hair above the floor, which the fastest plan itself still meets (the bench hit this at s=0.25/1.25).
+    layers = [_layer(f"l{i}", 1.0, {4: 0.3337, 8: 0.61}, {4: 0.2, 8: 0.05}) for i in range(14)]
+    floor = fastest_ms(layers, 0.5)
+    plan = solve(layers, 0.5, floor * 1.0001, tolerance=None)
+    assert [r.rank for r in plan.layers] == [4] * 14 and plan.predicted_ms == pytest.approx(floor)
+
+
 def test_the_free_rank_in_a_flat_region_is_chosen():
     """Below the layer's latency floor r=4, 8 and 16 cost the same (r=4 1% less, within noise): r=16 keeps more."""
     flat = _layer("full-res", 1.0, {4: 0.495, 8: 0.498, 16: 0.50}, {4: 0.3, 8: 0.1, 16: 0.02})
